@@ -1,0 +1,259 @@
+"""Every setting of a run, with its default, in one place.
+
+`Config` is the single source of truth: `main.py` derives its command-line flags
+from it (`BATCH_SIZE` -> `--batch-size`, the comment becomes the help text), a
+checkpoint stores it as plain values, and `generate.py` rebuilds the model from it.
+Build one Config per run with `Config(**overrides)` or `config.replace(...)`;
+it is frozen, so nothing changes it mid-run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Literal, get_args, get_origin, get_type_hints
+
+Schedule = Literal["linear", "cosine"]
+Prediction = Literal["eps", "v"]
+LossWeighting = Literal["none", "min-snr"]
+Sampler = Literal["ddpm", "ddim", "dpm-solver"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def default_device() -> str:
+    """'cuda' when a CUDA device is usable, else 'cpu' (evaluated when a Config is built)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- data ---
+    DATA_DIR: str = "./data"  # folder holding MNIST/raw/ with the four IDX files
+    BATCH_SIZE: int = 128  # images per optimizer step
+    IMAGE_SIZE: int = 28  # side of the (square) images
+    CHANNELS: int = 1  # image channels (MNIST is greyscale)
+
+    # --- model (UNet) ---
+    MODEL_CHANNELS: int = 64  # UNet width at full resolution
+    CHANNEL_MULT: tuple = (1, 2, 2)  # width multipliers per resolution (28, 14, 7)
+    NUM_RES_BLOCKS: int = 2  # residual blocks per resolution on the way down
+    TIME_EMBED_DIM: int = 256  # width of the timestep embedding
+    ATTENTION: bool = True  # self-attention at the lowest resolution
+    DROPOUT: float = 0.0  # dropout inside residual blocks
+
+    # --- diffusion ---
+    TIMESTEPS: int = 1000  # diffusion steps T (timesteps are 0-indexed: 0 .. T-1)
+    BETA_START: float = 1e-4  # first beta of the linear schedule
+    BETA_END: float = 0.02  # last beta of the linear schedule
+    SCHEDULE_TYPE: Schedule = "linear"  # noise schedule: linear (DDPM) or cosine (improved DDPM)
+    PREDICTION: Prediction = "eps"  # what the network predicts: noise (eps) or velocity (v)
+    LOSS_WEIGHTING: LossWeighting = "none"  # per-timestep loss weights: none or min-snr (gamma 5)
+
+    # --- training ---
+    EPOCHS: int = 100  # passes over the 60,000 training digits
+    LEARNING_RATE: float = 1e-4  # AdamW learning rate at BATCH_SIZE 128 (scaled by sqrt(batch/128))
+    LR_WARMUP_STEPS: int = 500  # linear learning-rate warm-up, in optimizer steps
+    WEIGHT_DECAY: float = 0.0  # AdamW weight decay
+    GRAD_CLIP: float = 1.0  # clip the gradient norm to this (0 = off)
+    EMA_DECAY: float = 0.9995  # decay of the weight average used for sampling
+    EMA_WARMUP: bool = True  # use decay min(EMA_DECAY, (1+step)/(10+step)) early in training
+    MAX_STEPS: int = 0  # stop after this many optimizer steps in total (0 = no limit)
+    SEED: int = 0  # seeds weights, data order, noise and samples
+    DEVICE: str = field(default_factory=default_device)  # cuda if available, else cpu
+    PRECISION: Precision = "auto"  # autocast dtype: auto = bf16 on cuda, fp32 on cpu
+    CHANNELS_LAST: bool = False  # channels_last memory format for the UNet (GPU)
+    COMPILE: bool = False  # torch.compile the UNet for training
+    THREADS: int = 0  # CPU threads for torch (0 = all cores)
+    MAX_BAD_STEPS: int = 10  # stop after this many non-finite losses or gradients in a row
+
+    # --- outputs ---
+    CHECKPOINT_DIR: str = "./checkpoints"  # where checkpoints are written
+    OUTPUT_DIR: str = "./outputs"  # where sample grids, loss history and plots are written
+    SAVE_EVERY: int = 10  # write a checkpoint and a sample grid every this many epochs
+    SAVE_EVERY_STEPS: int = 0  # also refresh latest.pt every this many steps (0 = off)
+    KEEP: int = 3  # periodic checkpoints kept besides latest.pt
+    NUM_SAMPLES: int = 16  # digits in each sample grid
+    PRINT_EVERY: int = 100  # update the progress bar's loss every this many steps
+    EVAL_EVERY: int = 0  # evaluate FID every this many epochs (0 = off)
+    EVAL_SAMPLES: int = 1000  # samples per evaluation during training
+
+    # --- sampling ---
+    SAMPLER: Sampler = "dpm-solver"  # sampler for grids and evaluation
+    SAMPLING_STEPS: int = 20  # network evaluations per sample (ddpm always uses TIMESTEPS)
+    ETA: float = 0.0  # DDIM noise: 0 = deterministic, 1 = ancestral
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain values only (str, int, float, bool, tuple), safe for weights_only loading."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """Rebuild a Config from `to_dict` output; keys this version lacks are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+        return cls(**kept)
+
+    def validate(self) -> "Config":
+        """Raise ConfigError naming the flag for the first setting that cannot work."""
+        positive = ["EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "TIMESTEPS", "MODEL_CHANNELS",
+                    "TIME_EMBED_DIM", "NUM_RES_BLOCKS", "SAVE_EVERY", "NUM_SAMPLES",
+                    "PRINT_EVERY", "SAMPLING_STEPS", "EVAL_SAMPLES", "MAX_BAD_STEPS", "IMAGE_SIZE",
+                    "CHANNELS"]
+        for name in positive:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{flag_for(name)} must be positive, got {value}")
+        non_negative = ["MAX_STEPS", "SAVE_EVERY_STEPS", "KEEP", "EVAL_EVERY", "THREADS",
+                        "LR_WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "DROPOUT", "ETA"]
+        for name in non_negative:
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ConfigError(f"{flag_for(name)} must be >= 0, got {value}")
+        if not 0 < self.BETA_START < 1:
+            raise ConfigError(f"--beta-start must lie in (0, 1), got {self.BETA_START}")
+        if not 0 < self.BETA_END < 1:
+            raise ConfigError(f"--beta-end must lie in (0, 1), got {self.BETA_END}")
+        if self.BETA_START >= self.BETA_END:
+            raise ConfigError(f"--beta-start ({self.BETA_START}) must be smaller than "
+                              f"--beta-end ({self.BETA_END})")
+        if not 0 <= self.EMA_DECAY < 1:
+            raise ConfigError(f"--ema-decay must lie in [0, 1), got {self.EMA_DECAY}")
+        if self.DROPOUT >= 1:
+            raise ConfigError(f"--dropout must lie in [0, 1), got {self.DROPOUT}")
+        if self.SAMPLING_STEPS > self.TIMESTEPS:
+            raise ConfigError(f"--sampling-steps ({self.SAMPLING_STEPS}) cannot exceed "
+                              f"--timesteps ({self.TIMESTEPS})")
+        if not self.CHANNEL_MULT or any(m <= 0 for m in self.CHANNEL_MULT):
+            raise ConfigError(f"--channel-mult needs positive integers, got {self.CHANNEL_MULT}")
+        if self.IMAGE_SIZE % 2 ** (len(self.CHANNEL_MULT) - 1):
+            raise ConfigError(f"--channel-mult has {len(self.CHANNEL_MULT)} resolutions, so "
+                              f"{len(self.CHANNEL_MULT) - 1} halvings, which {self.IMAGE_SIZE}x"
+                              f"{self.IMAGE_SIZE} images do not allow")
+        for name, hint in get_type_hints(type(self)).items():
+            if get_origin(hint) is Literal and getattr(self, name) not in get_args(hint):
+                raise ConfigError(f"unknown {flag_for(name)} {getattr(self, name)!r}; "
+                                  f"expected one of {', '.join(get_args(hint))}")
+        if not (self.DEVICE == "cpu" or self.DEVICE.startswith("cuda")):
+            raise ConfigError(f"--device must be cpu or cuda[:N], got {self.DEVICE!r}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the flag and what is valid."""
+
+
+# Settings that may differ when a run is resumed: they steer the run, not what is learned.
+RUN_CONTROL = {"EPOCHS", "MAX_STEPS", "DEVICE", "THREADS", "CHECKPOINT_DIR", "OUTPUT_DIR",
+               "DATA_DIR", "SAVE_EVERY", "SAVE_EVERY_STEPS", "KEEP", "NUM_SAMPLES",
+               "PRINT_EVERY", "EVAL_EVERY", "EVAL_SAMPLES", "SAMPLER", "SAMPLING_STEPS",
+               "ETA", "MAX_BAD_STEPS", "COMPILE"}
+
+# Named groups of settings for common machines; explicit flags still win.
+PRESETS = {
+    # A small model tuned for a 2-core CPU (see README, "Training on a CPU").
+    "cpu": dict(MODEL_CHANNELS=32, CHANNEL_MULT=(1, 2, 2), NUM_RES_BLOCKS=1,
+                TIME_EMBED_DIM=128, ATTENTION=False, DROPOUT=0.0, BATCH_SIZE=64,
+                LEARNING_RATE=1e-3, LR_WARMUP_STEPS=200, EMA_DECAY=0.999, DEVICE="cpu",
+                EPOCHS=3, SAVE_EVERY=1),
+}
+
+# Flags whose name is not simply the field's name in kebab case.
+FLAG_NAMES = {"LEARNING_RATE": "--lr", "SCHEDULE_TYPE": "--schedule"}
+
+
+def flag_for(name: str) -> str:
+    """Command-line flag of a Config field: BATCH_SIZE -> --batch-size."""
+    return FLAG_NAMES.get(name, "--" + name.lower().replace("_", "-"))
+
+
+def field_help() -> dict:
+    """The one-line comment after each field above, used as its --help text."""
+    try:
+        source = inspect.getsource(Config)
+    except (OSError, TypeError):
+        return {}
+    pattern = re.compile(r"^\s+([A-Z_]+):[^#]*#\s*(.+)$", re.MULTILINE)
+    return {name: text.strip() for name, text in pattern.findall(source)}
+
+
+# ----- command-line flags, derived from the fields above -----
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line with a pointer to --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see: python {self.prog} --help)\n")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, names=None, rename: dict | None = None):
+    """Add a flag for each Config field in `names` (all if None), typed from its annotation,
+    with its comment as help. Defaults are None, so `config_overrides` sees only what was given."""
+    rename = rename or {}
+    helps = field_help()
+    hints = get_type_hints(Config)
+    defaults = _defaults()
+    for f in dataclasses.fields(Config):
+        if names is not None and f.name not in names:
+            continue
+        hint = hints[f.name]
+        flag = rename.get(f.name, flag_for(f.name))
+        default = defaults.get(f.name, "see --device" if f.name == "DEVICE" else None)
+        text = f"{helps.get(f.name, '')} (default: {default})"
+        kwargs = dict(dest=f.name, default=None, help=text)
+        if get_origin(hint) is Literal:
+            kwargs.update(choices=get_args(hint), metavar="{" + ",".join(get_args(hint)) + "}")
+        elif hint is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        elif hint is tuple:
+            kwargs.update(type=int, nargs="+", metavar="M")
+        else:
+            kwargs.update(type=hint, metavar=f.name.split("_")[-1])
+        parser.add_argument(flag, **kwargs)
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The Config fields that were given on the command line, as {FIELD: value}."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
+            if k in names and v is not None}
+
+
+def _defaults() -> dict:
+    return {f.name: f.default for f in dataclasses.fields(Config)
+            if f.default is not dataclasses.MISSING}
+
+
+def check_device(device: str, flag: str = "--device") -> str:
+    """Fail with one line if a CUDA device is asked for and not available."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {device}: CUDA is not available on this machine; "
+                              f"use {flag} cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag} {device}: this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s)")
+    return device
+
+
+def check_writable(folder, flag: str) -> None:
+    """Create `folder` if needed and make sure a file can be written there."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(f"{flag} {folder} cannot be written ({error.strerror or error})") from None

@@ -1,0 +1,167 @@
+"""DiffusionModel: the UNet plus the noise schedule, with training loss and sampling.
+
+The schedule's tables live in `NoiseScheduler` (utils/noise_scheduler.py) and the
+sampling algorithms in `models/samplers.py`; this class wires them to the network.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from models import samplers
+from models.unet import UNet
+from utils.noise_scheduler import NoiseScheduler
+from utils.seeding import PerSampleNoise
+
+
+class DiffusionModel(nn.Module):
+    """A DDPM (Ho et al. 2020) on a UNet.
+
+    Args mirror Config: timesteps, beta_start, beta_end and schedule_type build the
+    NoiseScheduler; in_channels .. dropout build the UNet; prediction is what the
+    network outputs ('eps' or 'v'); loss_weighting is 'none' or 'min-snr'.
+    """
+
+    def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 in_channels: int = 1, model_channels: int = 64, time_embed_dim: int = 256,
+                 schedule_type: str = "linear", channel_mult: tuple = (1, 2, 2),
+                 num_res_blocks: int = 2, attention: bool = True, dropout: float = 0.0,
+                 image_size: int = 28, prediction: str = "eps", loss_weighting: str = "none",
+                 clip_x0: bool = True):
+        super().__init__()
+        self.scheduler = NoiseScheduler(timesteps, beta_start, beta_end, schedule_type)
+        self.unet = UNet(in_channels, model_channels, time_embed_dim, tuple(channel_mult),
+                         num_res_blocks, attention, dropout)
+        self.image_shape = (in_channels, image_size, image_size)
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction {prediction!r}; expected one of eps, v")
+        self.prediction = prediction
+        self.loss_weighting = loss_weighting
+        self.clip_x0 = clip_x0
+
+    @classmethod
+    def from_config(cls, config) -> "DiffusionModel":
+        return cls(timesteps=config.TIMESTEPS, beta_start=config.BETA_START,
+                   beta_end=config.BETA_END, in_channels=config.CHANNELS,
+                   model_channels=config.MODEL_CHANNELS, time_embed_dim=config.TIME_EMBED_DIM,
+                   schedule_type=config.SCHEDULE_TYPE, channel_mult=config.CHANNEL_MULT,
+                   num_res_blocks=config.NUM_RES_BLOCKS, attention=config.ATTENTION,
+                   dropout=config.DROPOUT, image_size=config.IMAGE_SIZE,
+                   prediction=config.PREDICTION, loss_weighting=config.LOSS_WEIGHTING)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", ema: bool = True):
+        """Rebuild the model from a checkpoint alone: returns (model in eval mode, Config).
+
+        ema=True loads the averaged weights used for sampling; False the raw weights.
+        Raises utils.checkpoint.CheckpointError for a bad file.
+        """
+        from config import Config, ConfigError
+        from utils.checkpoint import CheckpointError, load_checkpoint
+
+        state = load_checkpoint(path)
+        try:
+            config = Config.from_dict(state["config"]).validate()
+            model = cls.from_config(config)
+            model.load_state_dict(state["ema" if ema else "model"])
+        except (ConfigError, RuntimeError, TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {path} does not describe a model this code can "
+                                  f"build: {str(error).splitlines()[0][:200]}") from None
+        return model.to(device).eval().requires_grad_(False), config
+
+    @property
+    def timesteps(self) -> int:
+        return self.scheduler.timesteps
+
+    # ----- training -----
+    def forward_diffusion(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t ~ q(x_t | x_0); returns (x_t, noise)."""
+        return self.scheduler.add_noise(x0, t, noise)
+
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise x0 to level t and run the network: returns (network output, noise)."""
+        xt, noise = self.forward_diffusion(x0, t, noise)
+        return self.unet(xt, t), noise
+
+    def compute_loss(self, x0: torch.Tensor, t: torch.Tensor | None = None,
+                     noise: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean squared error between the network output and its target (the noise for
+        eps-prediction, DDPM eq. 14), weighted per timestep if loss_weighting asks."""
+        if t is None:
+            t = self.scheduler.sample_timesteps(x0.shape[0], x0.device, generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        output, noise = self(x0, t, noise)
+        target = self.scheduler.training_target(x0, noise, t, self.prediction)
+        assert output.shape == target.shape, (output.shape, target.shape)
+        if self.loss_weighting == "none":
+            return F.mse_loss(output.float(), target)
+        per_sample = (output.float() - target).square().mean(dim=tuple(range(1, x0.dim())))
+        return (per_sample * self.scheduler.loss_weight(t, self.prediction, self.loss_weighting)).mean()
+
+    # ----- sampling -----
+    def reverse_diffusion_step(self, xt: torch.Tensor, t, predicted_noise: torch.Tensor,
+                               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One ancestral step x_t -> x_{t-1} given the network's output at (x_t, t).
+
+        t is an int or a (B,) tensor; noise defaults to fresh N(0, I) and is not used at t = 0.
+        """
+        if not torch.is_tensor(t):
+            t = torch.full((xt.shape[0],), int(t), device=xt.device, dtype=torch.long)
+        x0, _ = self.scheduler.split_model_output(xt, t, predicted_noise, self.prediction,
+                                                  self.clip_x0)
+        if noise is None:
+            noise = torch.randn_like(xt)
+        return samplers.ddpm_step(self.scheduler, xt, t, x0, noise)
+
+    def denoiser(self, precision: str = "fp32"):
+        """The network as a sampler's `denoiser(x, t)`, under bf16 autocast if asked."""
+        def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            context = (torch.autocast(x.device.type, dtype=torch.bfloat16)
+                       if precision == "bf16" else contextlib.nullcontext())
+            with context:
+                return self.unet(x, t)
+        return run
+
+    @torch.no_grad()
+    def sample(self, shape: tuple, device=None, sampler: str = "ddpm", steps: int | None = None,
+               eta: float = 0.0, seed: int = 0, first_index: int = 0, precision: str = "fp32",
+               callback=None, progress: bool = False) -> torch.Tensor:
+        """Draw shape[0] images in [-1, 1]; by default with full T-step ancestral DDPM.
+
+        Image k uses the noise of index first_index + k under `seed`, whatever the batch.
+        """
+        device = self.scheduler.betas.device if device is None else torch.device(device)
+        indices = range(first_index, first_index + shape[0])
+        noise = PerSampleNoise(seed, indices, tuple(shape[1:]), device)
+        was_training = self.training
+        self.eval()
+        try:
+            x = samplers.sample(self.denoiser(precision), self.scheduler, noise.initial(), sampler,
+                                steps, eta, noise, self.prediction, self.clip_x0, callback,
+                                progress)
+        finally:
+            self.train(was_training)
+        return x.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, batch_size: int = 500, progress: bool = True,
+                 **sample_kwargs) -> torch.Tensor:
+        """`num_samples` images in [-1, 1] on the model's device, in batches, with a
+        progress bar; image i is the same for every batch_size."""
+        images = []
+        bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
+        for start in range(0, num_samples, batch_size):
+            count = min(batch_size, num_samples - start)
+            images.append(self.sample((count, *self.image_shape), first_index=start,
+                                      **sample_kwargs))
+            bar.update(count)
+        bar.close()
+        return torch.cat(images)

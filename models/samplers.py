@@ -1,0 +1,198 @@
+"""Samplers: ancestral DDPM, DDIM (with eta) and DPM-Solver++(2M), plus DDIM inversion.
+
+Every sampler reads the schedule from a `NoiseScheduler` and turns network outputs
+into (x0, eps) with `scheduler.split_model_output`; none re-derives a table.
+A sampler takes the starting noise x_T and, if stochastic, a `noise(i)` callable
+that returns the fresh noise of step i (see utils.seeding.PerSampleNoise), so that
+image k of a run depends only on its own seed, never on the batch it was drawn in.
+
+`denoiser(x, t)` is the network: (B, C, H, W), (B,) -> raw output (eps or v).
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from utils.noise_scheduler import NoiseScheduler
+
+SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepNoise = Callable[[int], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def timestep_sequence(timesteps: int, steps: int) -> list[int]:
+    """`steps` timesteps evenly spaced from T-1 down to 0, both ends included.
+
+    The sampler evaluates the network once at each; after the one at t = 0 it steps
+    to the clean data. steps == T gives every timestep, T-1 .. 0.
+    """
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps must lie in 1 .. {timesteps} (the timesteps), got {steps}")
+    if steps == 1:
+        return [timesteps - 1]
+    seq = torch.linspace(timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    assert len(set(seq)) == steps, seq
+    return seq
+
+
+def _predict(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor, t: int,
+             prediction: str, clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network output at timestep t for every image of x -> (x0, eps), in float32."""
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    out = denoiser(x, tt).float()
+    assert out.shape == x.shape, (out.shape, x.shape)
+    return scheduler.split_model_output(x, tt, out, prediction, clip_x0)
+
+
+def ddpm_step(scheduler: NoiseScheduler, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor,
+              noise: torch.Tensor | None) -> torch.Tensor:
+    """One ancestral step x_t -> x_{t-1} ~ N(posterior mean, posterior variance), DDPM Alg. 2.
+
+    No noise is added where t == 0 (the last step returns the posterior mean).
+    """
+    mean, _, log_variance = scheduler.q_posterior(x0, xt, t)
+    if noise is None:
+        return mean
+    nonzero = (t != 0).float().reshape(-1, *([1] * (xt.dim() - 1)))
+    return mean + nonzero * torch.exp(0.5 * log_variance) * noise
+
+
+def ddim_step(scheduler: NoiseScheduler, xt: torch.Tensor, t: int, t_prev: int,
+              x0: torch.Tensor, eps: torch.Tensor, eta: float,
+              noise: torch.Tensor | None) -> torch.Tensor:
+    """x_t -> x_{t_prev} by DDIM (Song et al. 2021, eq. 12); t_prev = -1 is the clean data.
+
+    sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev);
+    eta = 1 over every timestep is the ancestral DDPM sampler, eta = 0 is deterministic.
+    """
+    b = xt.shape[0]
+    abar = scheduler.alpha_bar(torch.full((b,), t, dtype=torch.long))
+    abar_prev = scheduler.alpha_bar(torch.full((b,), t_prev, dtype=torch.long))
+    shape = (b,) + (1,) * (xt.dim() - 1)
+    abar_prev = abar_prev.reshape(shape)
+    if eta > 0:
+        sigma = eta * ((1 - abar_prev) / (1 - abar.reshape(shape)) * (1 - abar.reshape(shape) / abar_prev)).sqrt()
+    else:  # also serves inversion, where t_prev > t and the formula above is undefined
+        sigma = torch.zeros_like(abar_prev)
+    x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    if eta > 0 and t_prev >= 0:
+        x = x + sigma * noise
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
+                noise: StepNoise, prediction: str = "eps", clip_x0: bool = True,
+                callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+    """Ancestral sampling over all T timesteps (DDPM Algorithm 2), from x = x_T."""
+    steps = list(range(scheduler.timesteps - 1, -1, -1))
+    for i, t in enumerate(tqdm(steps, desc="ddpm", leave=False, disable=not progress)):
+        x0, _ = _predict(denoiser, scheduler, x, t, prediction, clip_x0)
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        x = ddpm_step(scheduler, x, tt, x0, noise(i) if t > 0 else None)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor, steps: int,
+                eta: float = 0.0, noise: StepNoise | None = None, prediction: str = "eps",
+                clip_x0: bool = True, callback: Callback | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """DDIM over `steps` evenly spaced timesteps, from x = x_T."""
+    if eta > 0 and noise is None:
+        raise ValueError("DDIM with eta > 0 needs a noise source")
+    seq = timestep_sequence(scheduler.timesteps, steps)
+    for i, t in enumerate(tqdm(seq, desc="ddim", leave=False, disable=not progress)):
+        t_prev = seq[i + 1] if i + 1 < len(seq) else -1
+        x0, eps = _predict(denoiser, scheduler, x, t, prediction, clip_x0)
+        x = ddim_step(scheduler, x, t, t_prev, x0, eps, eta,
+                      noise(i) if eta > 0 and t_prev >= 0 else None)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
+                      steps: int, prediction: str = "eps", clip_x0: bool = True,
+                      callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), from x = x_T.
+
+    In lambda = log(alpha / sigma), with alpha = sqrt(abar), sigma = sqrt(1 - abar):
+        h_i = lambda_{i} - lambda_{i-1},  r_i = h_{i-1} / h_i,
+        D_i = (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2}   (first step: D = x0),
+        x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (exp(-h_i) - 1) D_i.
+    The last step, to the clean data (sigma = 0), is first order: x = x0.
+    """
+    seq = timestep_sequence(scheduler.timesteps, steps)
+    b = x.shape[0]
+    shape = (b,) + (1,) * (x.dim() - 1)
+
+    def alpha_sigma_lambda(t: int):
+        abar = scheduler.alpha_bar(torch.full((b,), t, dtype=torch.long)).reshape(shape)
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+        return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(tqdm(seq, desc="dpm-solver", leave=False, disable=not progress)):
+        x0, _ = _predict(denoiser, scheduler, x, t, prediction, clip_x0)
+        if i + 1 == len(seq):
+            x = x0
+        else:
+            _, sigma, lam = alpha_sigma_lambda(t)
+            alpha_next, sigma_next, lam_next = alpha_sigma_lambda(seq[i + 1])
+            h = lam_next - lam
+            if x0_prev is None:
+                d = x0
+            else:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+            x = (sigma_next / sigma) * x - alpha_next * torch.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(denoiser: Denoiser, scheduler: NoiseScheduler, x0: torch.Tensor, steps: int,
+                prediction: str = "eps", progress: bool = False) -> torch.Tensor:
+    """Run deterministic DDIM forwards in time: clean images -> their x_T.
+
+    Uses the timesteps of `sample_ddim(..., steps, eta=0)` in reverse; the network's eps
+    at each timestep carries x to the next noisier one (Song et al. 2021, sec. 4.3).
+    Sampling the result with the same `steps` returns close to x0.
+    """
+    seq = timestep_sequence(scheduler.timesteps, steps)[::-1]  # 0 .. T-1
+    x = x0  # the clean image stands in for the level t = 0 at the first step
+    pairs = list(zip(seq[:-1], seq[1:]))
+    for t, t_next in tqdm(pairs, desc="ddim inversion", leave=False, disable=not progress):
+        x0_hat, eps = _predict(denoiser, scheduler, x, t, prediction, clip_x0=False)
+        x = ddim_step(scheduler, x, t, t_next, x0_hat, eps, eta=0.0, noise=None)
+    return x
+
+
+def sample(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
+           sampler: Literal["ddpm", "ddim", "dpm-solver"] = "dpm-solver", steps: int | None = None,
+           eta: float = 0.0, noise: StepNoise | None = None, prediction: str = "eps",
+           clip_x0: bool = True, callback: Callback | None = None,
+           progress: bool = False) -> torch.Tensor:
+    """Dispatch to a sampler by name. steps=None means every timestep."""
+    steps = scheduler.timesteps if steps is None else steps
+    if sampler == "ddpm":
+        if steps != scheduler.timesteps:
+            raise ValueError(f"the ddpm sampler takes all {scheduler.timesteps} steps; for "
+                             f"fewer, use ddim with eta 1 (the same sampler, respaced)")
+        return sample_ddpm(denoiser, scheduler, x, noise, prediction, clip_x0, callback, progress)
+    if sampler == "ddim":
+        return sample_ddim(denoiser, scheduler, x, steps, eta, noise, prediction, clip_x0,
+                           callback, progress)
+    if sampler == "dpm-solver":
+        return sample_dpm_solver(denoiser, scheduler, x, steps, prediction, clip_x0, callback,
+                                 progress)
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")

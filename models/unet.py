@@ -1,0 +1,207 @@
+"""A small UNet for 28x28 digits: 28 -> 14 -> 7 and back, conditioned on the timestep.
+
+Residual blocks with GroupNorm and SiLU take the timestep embedding as a scale and
+shift of their second normalisation (improved-diffusion's use_scale_shift_norm);
+self-attention runs at the lowest resolution. The last convolution of every
+residual branch, of attention and of the output is zero-initialised, so each
+block starts as the identity and the untrained network predicts zero noise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _groups(channels: int) -> int:
+    """Largest group count <= 32 that divides `channels` with at least 2 channels per group."""
+    for groups in (32, 16, 8, 4, 2):
+        if channels % groups == 0 and channels // groups >= 2:
+            return groups
+    return 1
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(_groups(channels), channels)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of timesteps (Vaswani et al. 2017; DDPM appendix B).
+
+    (B,) integer or float timesteps -> (B, embed_dim).
+    """
+
+    def __init__(self, embed_dim: int, max_period: float = 10000.0):
+        super().__init__()
+        self.embed_dim = embed_dim
+        half = embed_dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        assert timesteps.dim() == 1, f"timesteps must have shape (B,), got {tuple(timesteps.shape)}"
+        args = timesteps.float()[:, None] * self.freqs[None, :]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if self.embed_dim % 2:
+            emb = F.pad(emb, (0, 1))
+        return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, then GroupNorm scaled and shifted by the time
+    embedding -> SiLU -> dropout -> conv, plus a (1x1 if needed) skip connection."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_embed_dim: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = _norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(time_embed_dim, 2 * out_channels)
+        self.norm2 = _norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = (nn.Identity() if in_channels == out_channels
+                     else nn.Conv2d(in_channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.time_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual."""
+
+    def __init__(self, channels: int, num_heads: int = 4):
+        super().__init__()
+        assert channels % num_heads == 0, (channels, num_heads)
+        self.num_heads = num_heads
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, C/heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class DownBlock(nn.Module):
+    """Residual blocks at one resolution, then a stride-2 convolution.
+
+    forward(x, emb) -> (downsampled, skip): skip is the pre-downsampling feature map,
+    for the UpBlock at the same resolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time_embed_dim: int,
+                 num_res_blocks: int = 2, dropout: float = 0.0, downsample: bool = True):
+        super().__init__()
+        self.res_blocks = nn.ModuleList(
+            ResBlock(in_channels if i == 0 else out_channels, out_channels, time_embed_dim, dropout)
+            for i in range(num_res_blocks))
+        self.downsample = (nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+                           if downsample else nn.Identity())
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for block in self.res_blocks:
+            x = block(x, emb)
+        return self.downsample(x), x
+
+
+class UpBlock(nn.Module):
+    """Nearest-neighbour upsampling and a convolution, concatenation of the skip from
+    the matching DownBlock, then residual blocks that take in the time embedding.
+
+    forward(x, skip, emb): x is (B, in_channels, H, W), skip (B, skip_channels, 2H, 2W);
+    returns (B, out_channels, 2H, 2W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time_embed_dim: int,
+                 skip_channels: int | None = None, num_res_blocks: int = 2,
+                 dropout: float = 0.0, upsample: bool = True):
+        super().__init__()
+        skip_channels = out_channels if skip_channels is None else skip_channels
+        self.upsample = upsample
+        self.up_conv = nn.Conv2d(in_channels, in_channels, 3, padding=1) if upsample else nn.Identity()
+        self.res_blocks = nn.ModuleList(
+            ResBlock(in_channels + skip_channels if i == 0 else out_channels, out_channels,
+                     time_embed_dim, dropout)
+            for i in range(num_res_blocks))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            x = self.up_conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = torch.cat([x, skip], dim=1)
+        for block in self.res_blocks:
+            x = block(x, emb)
+        return x
+
+
+class UNet(nn.Module):
+    """Noise-prediction UNet.
+
+    With channel_mult=(1, 2, 2) and 28x28 inputs the resolutions are 28 -> 14 -> 7:
+    a DownBlock per resolution above the lowest, a middle of ResBlock, attention and
+    ResBlock at the lowest, and an UpBlock per DownBlock on the way back.
+
+    forward(x: (B, C, H, W), timesteps: (B,)) -> predicted noise, (B, C, H, W).
+    """
+
+    def __init__(self, in_channels: int = 1, model_channels: int = 64, time_embed_dim: int = 256,
+                 channel_mult: tuple = (1, 2, 2), num_res_blocks: int = 2,
+                 attention: bool = True, dropout: float = 0.0, num_heads: int = 4):
+        super().__init__()
+        widths = [model_channels * m for m in channel_mult]
+        self.in_channels = in_channels
+        self.time_embed = nn.Sequential(
+            TimeEmbedding(model_channels),
+            nn.Linear(model_channels, time_embed_dim),
+            nn.SiLU(),
+            nn.Linear(time_embed_dim, time_embed_dim),
+        )
+        self.input_conv = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        channels = widths[0]
+        for width in widths[:-1]:
+            self.down_blocks.append(DownBlock(channels, width, time_embed_dim, num_res_blocks, dropout))
+            channels = width
+        bottom = widths[-1]
+        self.mid_res1 = ResBlock(channels, bottom, time_embed_dim, dropout)
+        self.mid_attn = AttentionBlock(bottom, num_heads) if attention else nn.Identity()
+        self.mid_res2 = ResBlock(bottom, bottom, time_embed_dim, dropout)
+        channels = bottom
+        self.up_blocks = nn.ModuleList()
+        for width in reversed(widths[:-1]):
+            self.up_blocks.append(UpBlock(channels, width, time_embed_dim, width, num_res_blocks, dropout))
+            channels = width
+        self.out = nn.Sequential(_norm(channels), nn.SiLU(),
+                                 _zero(nn.Conv2d(channels, in_channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        assert x.dim() == 4 and x.shape[1] == self.in_channels, \
+            f"expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+        assert timesteps.shape == (x.shape[0],), \
+            f"timesteps must have shape ({x.shape[0]},), got {tuple(timesteps.shape)}"
+        emb = self.time_embed(timesteps)
+        h = self.input_conv(x)
+        skips = []
+        for block in self.down_blocks:
+            h, skip = block(h, emb)
+            skips.append(skip)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb)), emb)
+        for block in self.up_blocks:
+            h = block(h, skips.pop(), emb)
+        return self.out(h)

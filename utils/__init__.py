@@ -1,0 +1,1 @@
+"""Data, schedule, seeding, checkpoints, metrics and plotting helpers."""

@@ -1,0 +1,229 @@
+"""Sample-quality metrics for MNIST digits, measured in the evaluation classifier's space.
+
+- FID: Frechet distance between Gaussians fitted to the classifier's 128-d
+  penultimate features of the samples and of the 10,000 MNIST test digits.
+- coverage: histogram of predicted digits and its KL divergence from uniform.
+- confidence: mean top-class probability, and the fraction above 0.9.
+- precision / recall: k-NN manifold estimates in feature space (Kynkaanniemi et al. 2019).
+- memorisation: mean pixel distance from each sample to its nearest training digit,
+  beside the same for real test digits.
+
+Every result comes with its floor: the same metrics for real training digits (as
+many as the samples) against the test set. FID depends on the sample count, so
+compare only at equal counts.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.classifier import load_or_train_classifier, predict
+from utils.data_loader import load_mnist, to_uint8
+
+NUM_CLASSES = 10
+CONFIDENT = 0.9
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of (N, D) features, in float64."""
+    f = features.double().cpu().numpy()
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2).
+
+    The trace term equals tr((S1 S2)^1/2) and is computed from symmetric
+    eigendecompositions, which stay stable when a covariance is singular.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = root1 @ sigma2 @ root1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt, 0.0))
+
+
+def class_coverage(probs: torch.Tensor) -> dict:
+    """Predicted-class histogram (fractions) and KL(histogram || uniform) in nats.
+
+    KL is 0 for perfectly balanced classes and log(10) = 2.30 for a single class.
+    """
+    counts = torch.bincount(probs.argmax(1), minlength=NUM_CLASSES).double()
+    hist = counts / counts.sum()
+    nonzero = hist > 0
+    kl = float((hist[nonzero] * torch.log(hist[nonzero] * NUM_CLASSES)).sum())
+    return {"class_histogram": [round(float(h), 4) for h in hist], "class_kl": kl,
+            "min_class_fraction": float(hist.min()), "max_class_fraction": float(hist.max())}
+
+
+def confidence(probs: torch.Tensor) -> dict:
+    top = probs.max(1).values
+    return {"mean_confidence": float(top.mean()),
+            "confident_fraction": float((top > CONFIDENT).double().mean())}
+
+
+def _pairwise(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048):
+    """Yield (start, distances (chunk, len(b))) of Euclidean distances, chunked over a."""
+    b_sq = (b * b).sum(1)
+    for i in range(0, len(a), chunk):
+        x = a[i:i + chunk]
+        d2 = (x * x).sum(1, keepdim=True) - 2 * x @ b.T + b_sq[None]
+        yield i, d2.clamp_(min=0).sqrt_()
+
+
+def _kth_neighbour_radius(f: torch.Tensor, k: int) -> torch.Tensor:
+    radii = torch.empty(len(f), dtype=f.dtype)
+    for i, d in _pairwise(f, f):
+        radii[i:i + len(d)] = d.kthvalue(k + 1, dim=1).values  # +1: the point itself
+    return radii
+
+
+def _coverage_of(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
+    inside = torch.zeros(len(points), dtype=torch.bool)
+    for i, d in _pairwise(points, centres):
+        inside[i:i + len(d)] = (d <= radii[None]).any(1)
+    return float(inside.double().mean())
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN balls."""
+    real, fake = real.float(), fake.float()
+    precision = _coverage_of(fake, real, _kth_neighbour_radius(real, k))
+    recall = _coverage_of(real, fake, _kth_neighbour_radius(fake, k))
+    return {"precision": precision, "recall": recall}
+
+
+def nearest_neighbour_distance(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Pixel-space L2 distance (images in [0, 1]) from each image to its nearest reference."""
+    a = images.reshape(len(images), -1).float() / 255.0
+    b = reference.reshape(len(reference), -1).float() / 255.0
+    out = torch.empty(len(a))
+    for i, d in _pairwise(a, b, chunk=512):
+        out[i:i + len(d)] = d.min(1).values
+    return out
+
+
+class Evaluator:
+    """Scores sets of generated digits against the MNIST test set.
+
+    Builds (or loads) the evaluation classifier and the test-set feature statistics
+    once; `evaluate(images)` takes uint8 (N, 28, 28) or float (N, 1, 28, 28) in [-1, 1].
+    """
+
+    def __init__(self, data_dir="./data", checkpoint_dir="./checkpoints", device="cpu",
+                 seed: int = 0, classifier_train_size: int | None = None,
+                 classifier_epochs: int = 3, progress: bool = True, log=print):
+        self.device = torch.device(device)
+        self.progress = progress
+        self.classifier, self.classifier_info = load_or_train_classifier(
+            data_dir, checkpoint_dir, self.device, seed, classifier_train_size,
+            classifier_epochs, progress=progress, log=log)
+        self.train_images, _ = load_mnist(data_dir, train=True)
+        self.test_images, _ = load_mnist(data_dir, train=False)
+        self.test_features, _ = predict(self.classifier, self.test_images, progress=progress,
+                                        desc="test-set features")
+        self.test_mu, self.test_sigma = feature_statistics(self.test_features)
+        self._floors: dict[int, dict] = {}
+        self.memorisation_count = 2000
+
+    def evaluate(self, images: torch.Tensor, floor: bool = True, memorisation: bool = True,
+                 precision_recall_k: int | None = 3) -> dict:
+        """All metrics for `images`, plus the floor for the same count if `floor`."""
+        images = images if images.dtype == torch.uint8 else to_uint8(images.cpu())
+        if images.dim() == 4:
+            images = images[:, 0]
+        assert images.shape[1:] == (28, 28), f"expected (N, 28, 28) digits, got {tuple(images.shape)}"
+        features, probs = predict(self.classifier, images, progress=self.progress,
+                                  desc="sample features")
+        mu, sigma = feature_statistics(features)
+        result = {"num_samples": len(images),
+                  "fid": frechet_distance(mu, sigma, self.test_mu, self.test_sigma),
+                  **confidence(probs), **class_coverage(probs)}
+        if precision_recall_k:
+            result.update(precision_recall(self.test_features[:len(images)], features,
+                                           precision_recall_k))
+        if memorisation:
+            n = min(len(images), self.memorisation_count)
+            result["nn_train_distance"] = float(
+                nearest_neighbour_distance(images[:n], self.train_images).mean())
+            result["nn_train_distance_count"] = n
+        if floor:
+            result["floor"] = self.floor(len(images), memorisation, precision_recall_k)
+        return result
+
+    def floor(self, count: int, memorisation: bool = True, precision_recall_k: int | None = 3
+              ) -> dict:
+        """The metrics of `count` real training digits (a fixed random subset) vs the test
+        set; for memorisation, the distance of real *test* digits to the training set."""
+        key = (count, memorisation, precision_recall_k)
+        if key not in self._floors:
+            generator = torch.Generator().manual_seed(1234)
+            index = torch.randperm(len(self.train_images), generator=generator)[:count]
+            real = self.train_images[index]
+            floor = self.evaluate(real, floor=False, memorisation=False,
+                                  precision_recall_k=precision_recall_k)
+            if memorisation:
+                n = min(count, self.memorisation_count)
+                floor["nn_train_distance"] = float(
+                    nearest_neighbour_distance(self.test_images[:n], self.train_images).mean())
+                floor["nn_train_distance_count"] = n
+            self._floors[key] = floor
+        return self._floors[key]
+
+
+def format_report(result: dict, title: str = "") -> str:
+    """A readable multi-line summary of `Evaluator.evaluate` output, floor beside each."""
+    floor = result.get("floor", {})
+
+    def row(name, key, fmt, note=""):
+        value = result.get(key)
+        if value is None:
+            return None
+        base = floor.get(key)
+        text = f"  {name:<28}{format(value, fmt):>10}"
+        if base is not None:
+            text += f"   (real digits: {format(base, fmt)})"
+        return text + note
+
+    lines = [title] if title else []
+    lines.append(f"  samples{'':<21}{result['num_samples']:>10}")
+    lines += filter(None, [
+        row("FID (classifier features)", "fid", ".3f"),
+        row("classified with p > 0.9", "confident_fraction", ".1%"),
+        row("mean confidence", "mean_confidence", ".3f"),
+        row("class KL from uniform", "class_kl", ".4f"),
+        row("precision (k=3)", "precision", ".3f"),
+        row("recall (k=3)", "recall", ".3f"),
+        row("nearest-train distance", "nn_train_distance", ".3f",
+            "  (real = test digits; much lower = copying)"),
+    ])
+    hist = result.get("class_histogram")
+    if hist:
+        lines.append("  digits 0-9 (%)" + "".join(f"{100 * h:6.1f}" for h in hist))
+    return "\n".join(lines)
+
+
+def save_json(data: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_plain(data), indent=2) + "\n")
+    return path
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value

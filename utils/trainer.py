@@ -1,0 +1,349 @@
+"""The training loop: EMA, checkpoints, exact resume, fault handling, evaluation.
+
+`Trainer(config).fit()` trains on the in-memory batcher (the whole training set on
+the device, one seeded permutation per epoch) and writes, under OUTPUT_DIR, the
+sample grids, the loss history and plots, and, under CHECKPOINT_DIR, latest.pt and
+the last KEEP periodic checkpoints. Everything random is drawn from generators whose
+states the checkpoint keeps, so a resumed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from config import RUN_CONTROL, Config, ConfigError, flag_for
+from models.diffusion import DiffusionModel
+from utils import checkpoint as ckpt
+from utils.data_loader import InMemoryBatcher, load_mnist
+from utils.seeding import capture_rng_state, restore_rng_state, seed_everything
+
+EVAL_SEED = 2024  # the fixed noise of every in-training evaluation
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint was written. args: (signal name, path)."""
+
+
+class TrainingDiverged(Exception):
+    """Too many non-finite losses or gradients in a row; nothing was saved after them."""
+
+
+def resolve_precision(config: Config) -> str:
+    if config.PRECISION == "auto":
+        return "bf16" if config.DEVICE.startswith("cuda") else "fp32"
+    return config.PRECISION
+
+
+def config_for_resume(saved: Config, requested: dict) -> Config:
+    """The saved run's config with the explicitly requested run-control settings applied.
+
+    Anything else that differs from the checkpoint is a mismatch: ConfigError.
+    """
+    for name, value in requested.items():
+        if name not in RUN_CONTROL and getattr(saved, name) != value:
+            raise ConfigError(f"{flag_for(name)} {value} does not match the checkpoint "
+                              f"({getattr(saved, name)}); drop the flag to continue that run")
+    return saved.replace(**{k: v for k, v in requested.items() if k in RUN_CONTROL})
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: dict | None = None, log=print,
+                 progress: bool = True, evaluator=None):
+        self.config = config
+        self.log = log
+        self.progress = progress
+        self.device = torch.device(config.DEVICE)
+        if config.THREADS:
+            torch.set_num_threads(config.THREADS)
+        seed_everything(config.SEED)
+        self.precision = resolve_precision(config)
+
+        self.model = DiffusionModel.from_config(config).to(self.device)
+        if config.CHANNELS_LAST:
+            self.model.unet.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema_params = list(self.ema.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.base_lr,
+                                           weight_decay=config.WEIGHT_DECAY, fused=True)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.SEED + 1)
+
+        images, _ = load_mnist(config.DATA_DIR, train=True)
+        self.batcher = InMemoryBatcher(images, config.BATCH_SIZE, config.SEED, self.device)
+        self.steps_per_epoch = len(self.batcher)
+        self.checkpoint_dir = Path(config.CHECKPOINT_DIR)
+
+        self.step = 0  # optimizer steps taken (skipped non-finite steps count too)
+        self.epoch = 0  # completed epochs
+        self.batch_in_epoch = 0
+        self.losses: list[float] = []
+        self.evaluations: list[dict] = []
+        self.bad_in_a_row = 0
+        self.elapsed = 0.0  # seconds spent in training steps, summed over resumes
+        if resume is not None:
+            self.load_state(resume)
+
+        if config.COMPILE:
+            self.model.unet.compile()
+        self.evaluator = evaluator
+        self._stop_signal = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ----- settings derived from the config -----
+    @property
+    def base_lr(self) -> float:
+        """LEARNING_RATE is for batch 128; scaled by sqrt(batch / 128) for other sizes."""
+        return self.config.LEARNING_RATE * math.sqrt(self.config.BATCH_SIZE / 128)
+
+    def lr_at(self, step: int) -> float:
+        warmup = self.config.LR_WARMUP_STEPS
+        return self.base_lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
+    def ema_decay_at(self, step: int) -> float:
+        if self.config.EMA_WARMUP:
+            return min(self.config.EMA_DECAY, (1 + step) / (10 + step))
+        return self.config.EMA_DECAY
+
+    @property
+    def total_steps(self) -> int:
+        total = self.config.EPOCHS * self.steps_per_epoch
+        return min(total, self.config.MAX_STEPS) if self.config.MAX_STEPS else total
+
+    # ----- one step -----
+    def train_step(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss, backward, clip, AdamW and EMA update, with no host-device sync.
+
+        A non-finite loss or gradient norm sets AdamW's found_inf flag, so the fused
+        update leaves weights and moments untouched for that step. Returns the
+        detached loss and the flag.
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        if self.config.CHANNELS_LAST:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            loss = self.model.compute_loss(x0, generator=self.generator)
+        loss.backward()
+        clip = self.config.GRAD_CLIP if self.config.GRAD_CLIP > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.optimizer.found_inf = bad.float()  # honoured by fused AdamW, like GradScaler's
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_decay_at(self.step))
+        return loss.detach(), bad
+
+    # ----- the loop -----
+    def fit(self) -> dict:
+        """Train until EPOCHS or MAX_STEPS; returns a summary. Raises TrainingInterrupted
+        after writing a checkpoint on SIGINT/SIGTERM, TrainingDiverged on repeated NaNs."""
+        cfg = self.config
+        out_dir = Path(cfg.OUTPUT_DIR)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        from utils.metrics import save_json
+
+        save_json(cfg.to_dict(), out_dir / "config.json")
+        n_params = sum(p.numel() for p in self.params)
+        self.log(f"training on {self.device} ({self.precision}): {n_params / 1e6:.2f}M parameters, "
+                 f"{self.steps_per_epoch} steps of {cfg.BATCH_SIZE} per epoch, "
+                 f"{self.total_steps} steps in all" + (f", resuming at step {self.step}"
+                                                       if self.step else ""))
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not self.progress)
+        try:
+            self._loop(bar)
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return self.finish()
+
+    def _loop(self, bar):
+        cfg = self.config
+        while self.epoch < cfg.EPOCHS and self.step < self.total_steps:
+            tick, images_done = time.perf_counter(), 0
+            for x0 in self.batcher.batches(self.epoch, self.batch_in_epoch):
+                loss, bad = self.train_step(x0)
+                self._pending.append((loss, bad))
+                self.step += 1
+                self.batch_in_epoch += 1
+                images_done += x0.shape[0]
+                bar.update(1)
+                if self.step % cfg.PRINT_EVERY == 0 or self.step == self.total_steps:
+                    self.elapsed += self._flush(tick)
+                    rate = images_done / max(time.perf_counter() - tick, 1e-9)
+                    tick, images_done = time.perf_counter(), 0
+                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{self._recent_loss():.4f}",
+                                    img_s=f"{rate:.0f}")
+                if cfg.SAVE_EVERY_STEPS and self.step % cfg.SAVE_EVERY_STEPS == 0:
+                    self.elapsed += self._flush(tick)
+                    tick = time.perf_counter()
+                    self.save(self.checkpoint_dir / ckpt.LATEST)
+                if self._stop_signal is not None:
+                    self.elapsed += self._flush(tick)
+                    path = self.save(self.checkpoint_dir / ckpt.LATEST)
+                    raise TrainingInterrupted(self._stop_signal, path)
+                if self.step >= self.total_steps:
+                    break
+            self.elapsed += self._flush(tick)
+            if self.batch_in_epoch >= self.steps_per_epoch:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self.end_of_epoch()
+
+    def _flush(self, since: float) -> float:
+        """Read the pending losses back (one sync), check for divergence; returns the
+        seconds since `since`."""
+        if self._pending:
+            values = torch.stack([l for l, _ in self._pending]).float().tolist()
+            flags = torch.stack([b for _, b in self._pending]).tolist()
+            first = self.step - len(values) + 1
+            self._pending.clear()
+            for i, (value, bad) in enumerate(zip(values, flags)):
+                self.losses.append(value)
+                self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
+                if self.bad_in_a_row >= self.config.MAX_BAD_STEPS:
+                    raise TrainingDiverged(
+                        f"training stopped at step {first + i}: {self.bad_in_a_row} non-finite "
+                        f"losses or gradients in a row (skipped, not applied); the last good "
+                        f"checkpoint in {self.config.CHECKPOINT_DIR} is untouched. Try a lower "
+                        f"--lr or --grad-clip")
+        return time.perf_counter() - since
+
+    def _recent_loss(self, window: int = 100) -> float:
+        recent = [v for v in self.losses[-window:] if math.isfinite(v)]
+        return sum(recent) / len(recent) if recent else float("nan")
+
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signal.Signals(signum).name
+        self.log(f"\n{self._stop_signal} received: finishing step {self.step + 1}, then saving")
+
+    # ----- what happens at epoch ends and at the end -----
+    def end_of_epoch(self):
+        cfg = self.config
+        last = self.epoch >= cfg.EPOCHS
+        if cfg.EVAL_EVERY and (self.epoch % cfg.EVAL_EVERY == 0 or last):
+            self.evaluate()
+        if self.epoch % cfg.SAVE_EVERY == 0 or last:
+            path = self.checkpoint_dir / ckpt.periodic_name(self.epoch)
+            self.save(path)
+            ckpt.prune_periodic(self.checkpoint_dir, cfg.KEEP)
+            self.save(self.checkpoint_dir / ckpt.LATEST)
+            self.save_samples(Path(cfg.OUTPUT_DIR) / f"samples_epoch_{self.epoch:04d}.png")
+            self.write_history()
+
+    def finish(self) -> dict:
+        cfg = self.config
+        latest = self.save(self.checkpoint_dir / ckpt.LATEST)
+        grid = self.save_samples(Path(cfg.OUTPUT_DIR) / "samples_final.png")
+        self.write_history()
+        summary = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
+                   "train_seconds": self.elapsed, "final_loss": self._recent_loss(),
+                   "checkpoint": str(latest), "samples": str(grid)}
+        self.log(f"done: {self.step} steps ({summary['epoch']:.2f} epochs) in "
+                 f"{self.elapsed:.0f} s of training; loss {summary['final_loss']:.4f}\n"
+                 f"  checkpoint: {latest}\n  samples:    {grid}\n"
+                 f"  loss curve: {Path(cfg.OUTPUT_DIR) / 'loss.png'}")
+        return summary
+
+    def save_samples(self, path: Path) -> Path:
+        from utils.visualization import save_images
+
+        cfg = self.config
+        images = self.ema.sample((cfg.NUM_SAMPLES, *self.ema.image_shape), sampler=cfg.SAMPLER,
+                                 steps=None if cfg.SAMPLER == "ddpm" else cfg.SAMPLING_STEPS,
+                                 eta=cfg.ETA, seed=cfg.SEED, precision=self.precision)
+        return save_images(images, path, nrow=max(1, int(math.sqrt(cfg.NUM_SAMPLES))))
+
+    def write_history(self):
+        from utils.metrics import save_json
+        from utils.visualization import plot_loss, plot_training_curves
+
+        out = Path(self.config.OUTPUT_DIR)
+        with open(out / "loss_history.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "epoch", "loss"])
+            for i, value in enumerate(self.losses):
+                writer.writerow([i + 1, f"{(i + 1) / self.steps_per_epoch:.4f}", f"{value:.6g}"])
+        if self.losses:
+            plot_loss(self.losses, out / "loss.png", steps_per_epoch=self.steps_per_epoch,
+                      title=f"training loss ({self.config.MODEL_CHANNELS} channels, "
+                            f"batch {self.config.BATCH_SIZE})")
+        if self.evaluations:
+            save_json({"evaluations": self.evaluations}, out / "evaluations.json")
+            plot_training_curves(self.losses, self.evaluations, out / "training_curves.png",
+                                 self.steps_per_epoch)
+
+    def evaluate(self) -> dict:
+        """FID etc. of EVAL_SAMPLES fixed-seed EMA samples, logged and kept in the history."""
+        cfg = self.config
+        if self.evaluator is None:
+            from utils.metrics import Evaluator
+
+            self.evaluator = Evaluator(cfg.DATA_DIR, cfg.CHECKPOINT_DIR, self.device,
+                                       progress=self.progress, log=self.log)
+        steps = None if cfg.SAMPLER == "ddpm" else cfg.SAMPLING_STEPS
+        images = self.ema.generate(cfg.EVAL_SAMPLES, progress=self.progress, sampler=cfg.SAMPLER,
+                                   steps=steps, eta=cfg.ETA, seed=EVAL_SEED,
+                                   precision=self.precision)
+        result = self.evaluator.evaluate(images, memorisation=False, precision_recall_k=None)
+        record = {"epoch": self.epoch, "step": self.step, "train_seconds": self.elapsed,
+                  "num_samples": cfg.EVAL_SAMPLES, "fid": result["fid"],
+                  "fid_floor": result["floor"]["fid"],
+                  "confident_fraction": result["confident_fraction"],
+                  "class_kl": result["class_kl"], "sampler": f"{cfg.SAMPLER}-{steps or cfg.TIMESTEPS}"}
+        self.evaluations.append(record)
+        self.log(f"epoch {self.epoch}: FID {record['fid']:.2f} (floor {record['fid_floor']:.2f}) "
+                 f"on {cfg.EVAL_SAMPLES} samples, {100 * record['confident_fraction']:.1f}% "
+                 f"with p > 0.9, class KL {record['class_kl']:.4f}")
+        return record
+
+    # ----- checkpoint state -----
+    def state_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "evaluations": self.evaluations,
+            "bad_in_a_row": self.bad_in_a_row,
+            "elapsed": self.elapsed,
+            "generator": self.generator.get_state(),
+            "rng": capture_rng_state(),
+        }
+
+    def save(self, path: Path) -> Path:
+        return ckpt.save_checkpoint(self.state_dict(), path)
+
+    def load_state(self, state: dict):
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise ckpt.CheckpointError(f"checkpoint does not fit this model: "
+                                       f"{str(error).splitlines()[0][:200]}") from None
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.losses = state["losses"].tolist()
+        self.evaluations = list(state.get("evaluations", []))
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        self.elapsed = float(state.get("elapsed", 0.0))
+        self.generator.set_state(state["generator"].cpu())
+        restore_rng_state(state["rng"])
+
