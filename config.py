@@ -20,6 +20,7 @@ Prediction = Literal["eps", "v"]
 LossWeighting = Literal["none", "min-snr"]
 Sampler = Literal["ddpm", "ddim", "dpm-solver"]
 Precision = Literal["auto", "fp32", "bf16"]
+Spacing = Literal["auto", "time", "quadratic", "logsnr"]
 
 
 def default_device() -> str:
@@ -36,6 +37,8 @@ class Config:
     BATCH_SIZE: int = 128  # images per optimizer step
     IMAGE_SIZE: int = 28  # side of the (square) images
     CHANNELS: int = 1  # image channels (MNIST is greyscale)
+    TRAIN_SIZE: int = 0  # train on the first N digits only (0 = all 60,000; for quick trials)
+    DOWNLOAD: bool = True  # try to download MNIST when the files are missing
 
     # --- model (UNet) ---
     MODEL_CHANNELS: int = 64  # UNet width at full resolution
@@ -85,6 +88,7 @@ class Config:
     SAMPLER: Sampler = "dpm-solver"  # sampler for grids and evaluation
     SAMPLING_STEPS: int = 20  # network evaluations per sample (ddpm always uses TIMESTEPS)
     ETA: float = 0.0  # DDIM noise: 0 = deterministic, 1 = ancestral
+    SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -110,7 +114,7 @@ class Config:
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"{flag_for(name)} must be positive, got {value}")
-        non_negative = ["MAX_STEPS", "SAVE_EVERY_STEPS", "KEEP", "EVAL_EVERY", "THREADS",
+        non_negative = ["TRAIN_SIZE", "MAX_STEPS", "SAVE_EVERY_STEPS", "KEEP", "EVAL_EVERY", "THREADS",
                         "LR_WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "DROPOUT", "ETA"]
         for name in non_negative:
             value = getattr(self, name)
@@ -151,9 +155,9 @@ class ConfigError(ValueError):
 
 # Settings that may differ when a run is resumed: they steer the run, not what is learned.
 RUN_CONTROL = {"EPOCHS", "MAX_STEPS", "DEVICE", "THREADS", "CHECKPOINT_DIR", "OUTPUT_DIR",
-               "DATA_DIR", "SAVE_EVERY", "SAVE_EVERY_STEPS", "KEEP", "NUM_SAMPLES",
+               "DATA_DIR", "DOWNLOAD", "SAVE_EVERY", "SAVE_EVERY_STEPS", "KEEP", "NUM_SAMPLES",
                "PRINT_EVERY", "EVAL_EVERY", "EVAL_SAMPLES", "SAMPLER", "SAMPLING_STEPS",
-               "ETA", "MAX_BAD_STEPS", "COMPILE"}
+               "ETA", "SPACING", "MAX_BAD_STEPS", "COMPILE"}
 
 # Named groups of settings for common machines; explicit flags still win.
 PRESETS = {

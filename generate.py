@@ -36,8 +36,8 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--steps", type=int, metavar="N",
                    help="network evaluations per digit (default: the checkpoint's setting; "
                         "ddpm always takes all timesteps)")
-    add_config_arguments(p, names={"SAMPLER", "ETA", "DEVICE", "PRECISION", "DATA_DIR",
-                                   "CHECKPOINT_DIR", "OUTPUT_DIR"})
+    add_config_arguments(p, names={"SAMPLER", "ETA", "SPACING", "DEVICE", "PRECISION", "DATA_DIR",
+                                   "DOWNLOAD", "CHECKPOINT_DIR", "OUTPUT_DIR"})
     p.add_argument("--raw-weights", action="store_true",
                    help="sample with the raw weights instead of their EMA (for comparison)")
     p.add_argument("--save-npz", metavar="PATH",
@@ -137,9 +137,15 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     output = Path(args.output)
     data_dir = overrides.get("DATA_DIR", Config.DATA_DIR)
     checkpoint_dir = overrides.get("CHECKPOINT_DIR", Config.CHECKPOINT_DIR)
+    download = overrides.get("DOWNLOAD", Config.DOWNLOAD)
 
     def evaluator():
-        return Evaluator(data_dir, checkpoint_dir, device, progress=progress)
+        return Evaluator(data_dir, checkpoint_dir, device, progress=progress, download=download)
+
+    def test_digits():
+        from utils.data_loader import load_mnist
+
+        return load_mnist(data_dir, train=False, download=download)[0]
 
     if args.evaluate_npz:
         samples = load_npz(args.evaluate_npz)
@@ -164,9 +170,11 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     if sampler == "ddpm" and steps != config.TIMESTEPS:
         raise ConfigError(f"--sampler ddpm always takes all {config.TIMESTEPS} steps; for "
                           f"--steps {steps} use --sampler ddim --eta 1 (the same sampler, respaced)")
+    spacing = overrides.get("SPACING", config.SPACING)
     sample_kwargs = dict(sampler=sampler, steps=steps, eta=eta, seed=args.seed,
-                         precision=precision)
-    label = f"{sampler}-{steps}" + (f"-eta{eta:g}" if sampler == "ddim" and eta else "")
+                         precision=precision, spacing=spacing)
+    label = (f"{sampler}-{steps}" + (f"-eta{eta:g}" if sampler == "ddim" and eta else "")
+             + (f"-{spacing}" if spacing != "auto" and sampler != "ddpm" else ""))
     print(f"checkpoint {args.checkpoint}: {config.MODEL_CHANNELS}-channel UNet, "
           f"{config.TIMESTEPS} timesteps ({config.SCHEDULE_TYPE}); sampling with {label} on "
           f"{device} ({precision}){', raw weights' if args.raw_weights else ''}")
@@ -192,23 +200,22 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
         if args.evaluate:
             result = evaluator().evaluate(images)
             result.update(checkpoint=str(args.checkpoint), sampler=label, seed=args.seed,
-                          sampling_seconds=seconds, device=device, precision=precision,
+                          sampling_seconds=seconds, device=device, sampling_precision=precision,
                           raw_weights=args.raw_weights)
             name = f"eval_{Path(args.checkpoint).stem}_{label}_n{count}.json"
             written.append(save_json(result, out_dir / name))
             print(format_report(result, f"{args.checkpoint} ({label}):"))
 
     if args.interpolate or args.interpolate_real:
-        written += interpolate(args, model, config, steps if sampler != "ddpm" else 50,
-                               precision, output, data_dir)
+        written += interpolate(args, model, steps if sampler != "ddpm" else 50, precision,
+                               output, test_digits)
     if args.chain:
         written += chain(args, model, sample_kwargs, output)
     if args.forward:
-        from utils.data_loader import load_mnist, normalize_images
+        from utils.data_loader import normalize_images
         from utils.visualization import visualize_diffusion_process
 
-        test_images, _ = load_mnist(data_dir, train=False)
-        x0 = normalize_images(test_images[:8]).unsqueeze(1)
+        x0 = normalize_images(test_digits()[:8]).unsqueeze(1)
         path = output.with_name(output.stem + "_forward.png")
         steps_shown = [int(round(f * (config.TIMESTEPS - 1))) for f in
                        (0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)]
@@ -222,7 +229,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     return 0
 
 
-def interpolate(args, model, config, steps, precision, output, data_dir) -> list[Path]:
+def interpolate(args, model, steps, precision, output, test_digits) -> list[Path]:
     """Slerp between noise vectors (--interpolate) and between inverted test digits."""
     import torch
 
@@ -239,9 +246,9 @@ def interpolate(args, model, config, steps, precision, output, data_dir) -> list
         path = output.with_name(output.stem + "_interpolation.png")
         written.append(save_images(path_images.flatten(0, 1), path, nrow=args.num_steps))
     if args.interpolate_real:
-        from utils.data_loader import load_mnist, normalize_images
+        from utils.data_loader import normalize_images
 
-        test_images, _ = load_mnist(data_dir, train=False)
+        test_images = test_digits()
         i, j = args.interpolate_real
         for index in (i, j):
             if not 0 <= index < len(test_images):

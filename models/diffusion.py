@@ -133,7 +133,7 @@ class DiffusionModel(nn.Module):
     @torch.no_grad()
     def sample(self, shape: tuple, device=None, sampler: str = "ddpm", steps: int | None = None,
                eta: float = 0.0, seed: int = 0, first_index: int = 0, precision: str = "fp32",
-               callback=None, progress: bool = False) -> torch.Tensor:
+               spacing: str = "auto", callback=None, progress: bool = False) -> torch.Tensor:
         """Draw shape[0] images in [-1, 1]; by default with full T-step ancestral DDPM.
 
         Image k uses the noise of index first_index + k under `seed`, whatever the batch.
@@ -146,7 +146,7 @@ class DiffusionModel(nn.Module):
         try:
             x = samplers.sample(self.denoiser(precision), self.scheduler, noise.initial(), sampler,
                                 steps, eta, noise, self.prediction, self.clip_x0, callback,
-                                progress)
+                                progress, None if spacing == "auto" else spacing)
         finally:
             self.train(was_training)
         return x.clamp(-1.0, 1.0)

@@ -18,23 +18,48 @@ from tqdm.auto import tqdm
 from utils.noise_scheduler import NoiseScheduler
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+SPACINGS = ("time", "quadratic", "logsnr")
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepNoise = Callable[[int], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
-def timestep_sequence(timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps evenly spaced from T-1 down to 0, both ends included.
+def timestep_sequence(timesteps: int, steps: int, spacing: str = "time",
+                      scheduler: NoiseScheduler | None = None) -> list[int]:
+    """`steps` distinct timesteps from T-1 down to 0, both ends included.
 
     The sampler evaluates the network once at each; after the one at t = 0 it steps
-    to the clean data. steps == T gives every timestep, T-1 .. 0.
+    to the clean data. spacing:
+      'time'      evenly spaced in t;
+      'quadratic' t = (T-1) * u^2 for evenly spaced u (DDIM's choice for CIFAR-10);
+      'logsnr'    evenly spaced in lambda = log(alpha / sigma), the step size DPM-Solver's
+                  error analysis is written in (needs the scheduler).
+    steps == T gives every timestep, T-1 .. 0, whatever the spacing.
     """
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must lie in 1 .. {timesteps} (the timesteps), got {steps}")
     if steps == 1:
         return [timesteps - 1]
-    seq = torch.linspace(timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-    assert len(set(seq)) == steps, seq
+    u = torch.linspace(1, 0, steps, dtype=torch.float64)
+    if spacing == "time":
+        seq = (u * (timesteps - 1)).round().long().tolist()
+    elif spacing == "quadratic":
+        seq = (u ** 2 * (timesteps - 1)).round().long().tolist()
+    elif spacing == "logsnr":
+        if scheduler is None:
+            raise ValueError("logsnr spacing needs the scheduler")
+        lam = 0.5 * torch.log(scheduler.snr.double().cpu())  # decreasing in t
+        targets = lam[-1] + (1 - u) * (lam[0] - lam[-1])
+        seq = [int((lam - target).abs().argmin()) for target in targets]
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    # make the sequence strictly decreasing while keeping both ends: rounding can repeat
+    # a timestep where the spacing is finer than the table.
+    for i in range(1, steps):
+        seq[i] = min(seq[i], seq[i - 1] - 1)
+    for i in range(steps - 1, -1, -1):
+        seq[i] = max(seq[i], steps - 1 - i)
+    assert seq[0] == timesteps - 1 and seq[-1] == 0 and len(set(seq)) == steps, seq
     return seq
 
 
@@ -102,11 +127,11 @@ def sample_ddpm(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
 def sample_ddim(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor, steps: int,
                 eta: float = 0.0, noise: StepNoise | None = None, prediction: str = "eps",
                 clip_x0: bool = True, callback: Callback | None = None,
-                progress: bool = False) -> torch.Tensor:
-    """DDIM over `steps` evenly spaced timesteps, from x = x_T."""
+                progress: bool = False, spacing: str = "time") -> torch.Tensor:
+    """DDIM over `steps` timesteps (see timestep_sequence), from x = x_T."""
     if eta > 0 and noise is None:
         raise ValueError("DDIM with eta > 0 needs a noise source")
-    seq = timestep_sequence(scheduler.timesteps, steps)
+    seq = timestep_sequence(scheduler.timesteps, steps, spacing, scheduler)
     for i, t in enumerate(tqdm(seq, desc="ddim", leave=False, disable=not progress)):
         t_prev = seq[i + 1] if i + 1 < len(seq) else -1
         x0, eps = _predict(denoiser, scheduler, x, t, prediction, clip_x0)
@@ -120,16 +145,19 @@ def sample_ddim(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor, 
 @torch.no_grad()
 def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
                       steps: int, prediction: str = "eps", clip_x0: bool = True,
-                      callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+                      callback: Callback | None = None, progress: bool = False,
+                      spacing: str = "logsnr") -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), from x = x_T.
 
     In lambda = log(alpha / sigma), with alpha = sqrt(abar), sigma = sqrt(1 - abar):
         h_i = lambda_{i} - lambda_{i-1},  r_i = h_{i-1} / h_i,
         D_i = (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2}   (first step: D = x0),
         x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (exp(-h_i) - 1) D_i.
-    The last step, to the clean data (sigma = 0), is first order: x = x0.
+    The last step, to the clean data (sigma = 0), is x = x0; with fewer than 15 steps the
+    step before it is first order too ("lower_order_final", which the DPM-Solver authors
+    found key to stability at few steps).
     """
-    seq = timestep_sequence(scheduler.timesteps, steps)
+    seq = timestep_sequence(scheduler.timesteps, steps, spacing, scheduler)
     b = x.shape[0]
     shape = (b,) + (1,) * (x.dim() - 1)
 
@@ -147,7 +175,7 @@ def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Te
             _, sigma, lam = alpha_sigma_lambda(t)
             alpha_next, sigma_next, lam_next = alpha_sigma_lambda(seq[i + 1])
             h = lam_next - lam
-            if x0_prev is None:
+            if x0_prev is None or (steps < 15 and i + 2 == len(seq)):
                 d = x0
             else:
                 r = h_prev / h
@@ -161,14 +189,15 @@ def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Te
 
 @torch.no_grad()
 def ddim_invert(denoiser: Denoiser, scheduler: NoiseScheduler, x0: torch.Tensor, steps: int,
-                prediction: str = "eps", progress: bool = False) -> torch.Tensor:
+                prediction: str = "eps", progress: bool = False,
+                spacing: str = "time") -> torch.Tensor:
     """Run deterministic DDIM forwards in time: clean images -> their x_T.
 
     Uses the timesteps of `sample_ddim(..., steps, eta=0)` in reverse; the network's eps
     at each timestep carries x to the next noisier one (Song et al. 2021, sec. 4.3).
     Sampling the result with the same `steps` returns close to x0.
     """
-    seq = timestep_sequence(scheduler.timesteps, steps)[::-1]  # 0 .. T-1
+    seq = timestep_sequence(scheduler.timesteps, steps, spacing, scheduler)[::-1]  # 0 .. T-1
     x = x0  # the clean image stands in for the level t = 0 at the first step
     pairs = list(zip(seq[:-1], seq[1:]))
     for t, t_next in tqdm(pairs, desc="ddim inversion", leave=False, disable=not progress):
@@ -181,8 +210,9 @@ def sample(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
            sampler: Literal["ddpm", "ddim", "dpm-solver"] = "dpm-solver", steps: int | None = None,
            eta: float = 0.0, noise: StepNoise | None = None, prediction: str = "eps",
            clip_x0: bool = True, callback: Callback | None = None,
-           progress: bool = False) -> torch.Tensor:
-    """Dispatch to a sampler by name. steps=None means every timestep."""
+           progress: bool = False, spacing: str | None = None) -> torch.Tensor:
+    """Dispatch to a sampler by name. steps=None means every timestep; spacing=None
+    takes the sampler's default (time for ddim, logsnr for dpm-solver)."""
     steps = scheduler.timesteps if steps is None else steps
     if sampler == "ddpm":
         if steps != scheduler.timesteps:
@@ -191,8 +221,8 @@ def sample(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
         return sample_ddpm(denoiser, scheduler, x, noise, prediction, clip_x0, callback, progress)
     if sampler == "ddim":
         return sample_ddim(denoiser, scheduler, x, steps, eta, noise, prediction, clip_x0,
-                           callback, progress)
+                           callback, progress, spacing or "time")
     if sampler == "dpm-solver":
         return sample_dpm_solver(denoiser, scheduler, x, steps, prediction, clip_x0, callback,
-                                 progress)
+                                 progress, spacing or "logsnr")
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")

@@ -87,6 +87,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return state
 
 
+def remove_stale_temporaries(checkpoint_dir) -> list[Path]:
+    """Delete half-written files that a killed process left behind (.NAME.tmp-PID)."""
+    stale = list(Path(checkpoint_dir).glob(".*.tmp-*"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def periodic_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}.pt"
 

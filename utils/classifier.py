@@ -124,7 +124,7 @@ def classifier_path(checkpoint_dir, seed: int = 0, train_size: int | None = None
 def load_or_train_classifier(data_dir="./data", checkpoint_dir="./checkpoints", device="cpu",
                              seed: int = 0, train_size: int | None = None, epochs: int = 3,
                              require_accuracy: bool = True, progress: bool = True,
-                             log=print) -> tuple[MNISTClassifier, dict]:
+                             log=print, download: bool = True) -> tuple[MNISTClassifier, dict]:
     """The cached classifier, or a newly trained one (then cached). Returns (model, info);
     info has 'test_accuracy', 'seed', 'train_size', 'epochs' and 'path'.
 
@@ -142,7 +142,7 @@ def load_or_train_classifier(data_dir="./data", checkpoint_dir="./checkpoints", 
                 return model.to(device).eval(), {**info, "path": str(path)}
         except Exception as error:  # a stale or broken cache is simply retrained
             log(f"ignoring unreadable classifier cache {path} ({type(error).__name__})")
-    images, labels = load_mnist(data_dir, train=True)
+    images, labels = load_mnist(data_dir, train=True, download=download)
     if train_size is not None:
         images, labels = images[:train_size], labels[:train_size]
     log(f"training the evaluation classifier on {len(images)} MNIST digits "
@@ -150,7 +150,7 @@ def load_or_train_classifier(data_dir="./data", checkpoint_dir="./checkpoints", 
     start = time.time()
     model = train_classifier(images, labels, epochs=epochs, seed=seed, device=device,
                              progress=progress)
-    test_images, test_labels = load_mnist(data_dir, train=False)
+    test_images, test_labels = load_mnist(data_dir, train=False, download=download)
     acc = accuracy(model, test_images, test_labels)
     log(f"evaluation classifier: test accuracy {100 * acc:.2f}% "
         f"(trained in {time.time() - start:.0f} s on {device})")

@@ -119,14 +119,15 @@ class Evaluator:
 
     def __init__(self, data_dir="./data", checkpoint_dir="./checkpoints", device="cpu",
                  seed: int = 0, classifier_train_size: int | None = None,
-                 classifier_epochs: int = 3, progress: bool = True, log=print):
+                 classifier_epochs: int = 3, progress: bool = True, log=print,
+                 download: bool = True):
         self.device = torch.device(device)
         self.progress = progress
         self.classifier, self.classifier_info = load_or_train_classifier(
             data_dir, checkpoint_dir, self.device, seed, classifier_train_size,
-            classifier_epochs, progress=progress, log=log)
-        self.train_images, _ = load_mnist(data_dir, train=True)
-        self.test_images, _ = load_mnist(data_dir, train=False)
+            classifier_epochs, progress=progress, log=log, download=download)
+        self.train_images, _ = load_mnist(data_dir, train=True, download=download)
+        self.test_images, _ = load_mnist(data_dir, train=False, download=download)
         self.test_features, _ = predict(self.classifier, self.test_images, progress=progress,
                                         desc="test-set features")
         self.test_mu, self.test_sigma = feature_statistics(self.test_features)

@@ -75,7 +75,9 @@ class Trainer:
                                            weight_decay=config.WEIGHT_DECAY, fused=True)
         self.generator = torch.Generator(device=self.device).manual_seed(config.SEED + 1)
 
-        images, _ = load_mnist(config.DATA_DIR, train=True)
+        images, _ = load_mnist(config.DATA_DIR, train=True, download=config.DOWNLOAD)
+        if config.TRAIN_SIZE:
+            images = images[:config.TRAIN_SIZE]
         self.batcher = InMemoryBatcher(images, config.BATCH_SIZE, config.SEED, self.device)
         self.steps_per_epoch = len(self.batcher)
         self.checkpoint_dir = Path(config.CHECKPOINT_DIR)
@@ -150,6 +152,7 @@ class Trainer:
         out_dir = Path(cfg.OUTPUT_DIR)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(self.checkpoint_dir)
         from utils.metrics import save_json
 
         save_json(cfg.to_dict(), out_dir / "config.json")
@@ -265,7 +268,8 @@ class Trainer:
         cfg = self.config
         images = self.ema.sample((cfg.NUM_SAMPLES, *self.ema.image_shape), sampler=cfg.SAMPLER,
                                  steps=None if cfg.SAMPLER == "ddpm" else cfg.SAMPLING_STEPS,
-                                 eta=cfg.ETA, seed=cfg.SEED, precision=self.precision)
+                                 eta=cfg.ETA, seed=cfg.SEED, precision=self.precision,
+                                 spacing=cfg.SPACING)
         return save_images(images, path, nrow=max(1, int(math.sqrt(cfg.NUM_SAMPLES))))
 
     def write_history(self):
@@ -294,11 +298,12 @@ class Trainer:
             from utils.metrics import Evaluator
 
             self.evaluator = Evaluator(cfg.DATA_DIR, cfg.CHECKPOINT_DIR, self.device,
-                                       progress=self.progress, log=self.log)
+                                       progress=self.progress, log=self.log,
+                                       download=cfg.DOWNLOAD)
         steps = None if cfg.SAMPLER == "ddpm" else cfg.SAMPLING_STEPS
         images = self.ema.generate(cfg.EVAL_SAMPLES, progress=self.progress, sampler=cfg.SAMPLER,
                                    steps=steps, eta=cfg.ETA, seed=EVAL_SEED,
-                                   precision=self.precision)
+                                   precision=self.precision, spacing=cfg.SPACING)
         result = self.evaluator.evaluate(images, memorisation=False, precision_recall_k=None)
         record = {"epoch": self.epoch, "step": self.step, "train_seconds": self.elapsed,
                   "num_samples": cfg.EVAL_SAMPLES, "fid": result["fid"],

@@ -1,0 +1,66 @@
+"""Shared fixtures. Everything runs on the CPU and never touches the network.
+
+MNIST comes from ./data/MNIST/raw (what .ci/run unpacks), or from ../shared/data/mnist,
+unpacked into a temporary folder, or from $MNIST_DATA_DIR.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import Config  # noqa: E402
+from utils.data_loader import MNIST_FILES  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("TEST_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
+
+
+def _has_mnist(folder: Path) -> bool:
+    return all((folder / "MNIST" / "raw" / name).exists() for name in MNIST_FILES)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    candidates = [Path(os.environ["MNIST_DATA_DIR"])] if "MNIST_DATA_DIR" in os.environ else []
+    candidates.append(ROOT / "data")
+    for folder in candidates:
+        if _has_mnist(folder):
+            return folder
+    shared = ROOT.parent / "shared" / "data" / "mnist"
+    if all((shared / f"{name}.gz").exists() for name in MNIST_FILES):
+        folder = tmp_path_factory.mktemp("data")
+        raw = folder / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for name in MNIST_FILES:
+            with gzip.open(shared / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        return folder
+    pytest.skip("MNIST not found (see README: running offline)")
+
+
+def tiny_config(tmp_path: Path, data_dir: Path, **changes) -> Config:
+    """A model small enough to train a few steps in a second on a CPU."""
+    settings = dict(
+        DATA_DIR=str(data_dir), CHECKPOINT_DIR=str(tmp_path / "ck"), OUTPUT_DIR=str(tmp_path / "out"),
+        MODEL_CHANNELS=8, TIME_EMBED_DIM=16, NUM_RES_BLOCKS=1, ATTENTION=True, TIMESTEPS=50,
+        BATCH_SIZE=16, TRAIN_SIZE=64, EPOCHS=3, LEARNING_RATE=1e-3, LR_WARMUP_STEPS=2,
+        NUM_SAMPLES=4, SAMPLING_STEPS=5, SAVE_EVERY=1, PRINT_EVERY=2, DEVICE="cpu", SEED=0,
+        DROPOUT=0.1,
+    )
+    settings.update(changes)
+    return Config(**settings).validate()
+
+
+@pytest.fixture
+def tiny(tmp_path, data_dir):
+    def make(**changes) -> Config:
+        return tiny_config(tmp_path, data_dir, **changes)
+    return make

@@ -1,0 +1,243 @@
+"""Layer 5: the two scripts as a user runs them, good input and bad."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import generate
+import main
+from utils import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model-channels", "8", "--time-embed-dim", "16", "--num-res-blocks", "1",
+        "--timesteps", "50", "--train-size", "64", "--batch-size", "16", "--sampling-steps", "5",
+        "--num-samples", "4", "--device", "cpu", "--no-download", "--quiet"]
+
+
+def run(script, *args, timeout=240, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+def dirs(tmp_path, data_dir):
+    return ["--data-dir", data_dir, "--checkpoint-dir", tmp_path / "ck", "--output-dir",
+            tmp_path / "out"]
+
+
+def test_train_then_generate_end_to_end(tmp_path, data_dir):
+    result = run("main.py", *TINY, *dirs(tmp_path, data_dir), "--max-steps", 3)
+    assert result.returncode == 0, result.stderr
+    latest = tmp_path / "ck" / "latest.pt"
+    assert latest.is_file()
+    for name in ("samples_final.png", "loss.png", "loss_history.csv", "config.json"):
+        assert (tmp_path / "out" / name).is_file(), name
+
+    out = tmp_path / "gen" / "grid.png"
+    result = run("generate.py", "--checkpoint", latest, "--output", out, "--num-samples", 6,
+                 "--save-npz", tmp_path / "gen" / "s.npz", "--seed", 1, "--device", "cpu",
+                 "--quiet", "--output-dir", tmp_path / "gen")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size[0] > 28
+    samples = np.load(tmp_path / "gen" / "s.npz")["samples"]
+    assert samples.shape == (6, 28, 28) and samples.dtype == np.uint8
+
+    result = run("generate.py", "--checkpoint", latest, "--output", out, "--interpolate",
+                 "--num-steps", 4, "--pairs", 2, "--interpolate-real", 0, 1, "--inversion-steps", 5,
+                 "--chain", "--forward", "--device", "cpu", "--quiet", "--data-dir", data_dir,
+                 "--no-download", "--output-dir", tmp_path / "gen")
+    assert result.returncode == 0, result.stderr
+    strip = Image.open(tmp_path / "gen" / "grid_interpolation.png")
+    assert strip.size == (2 * (4 * 30 + 2), 2 * (2 * 30 + 2))  # 4 columns, 2 rows, scaled x2
+    for name in ("grid_interpolation_real_0_1.png", "grid_chain.png", "grid_chain.gif",
+                 "grid_forward.png"):
+        assert (tmp_path / "gen" / name).is_file(), name
+    assert Image.open(tmp_path / "gen" / "grid_chain.gif").n_frames > 2
+
+
+def _expect_exit(capsys, entry, argv, code=2):
+    """Run a script's main(argv); it must end with `code` and one line on stderr."""
+    try:
+        result = entry(argv)
+    except SystemExit as stop:
+        result = stop.code
+    err = capsys.readouterr().err.strip()
+    assert result == code, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--epochs", "0"], "--epochs must be positive, got 0"),
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--max-steps", "-1"], "--max-steps must be >= 0"),
+    (["--timesteps", "0"], "--timesteps must be positive"),
+    (["--beta-start", "0.05"], "--beta-start (0.05) must be smaller than --beta-end"),
+    (["--beta-end", "1.5"], "--beta-end must lie in (0, 1)"),
+    (["--beta-start", "0"], "--beta-start must lie in (0, 1)"),
+    (["--schedule", "quadratic"], "argument --schedule: invalid choice: 'quadratic'"),
+    (["--sampler", "euler"], "argument --sampler: invalid choice: 'euler'"),
+    (["--timesteps", "10", "--sampling-steps", "20"], "--sampling-steps (20) cannot exceed --timesteps (10)"),
+    (["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_main_rejects_bad_settings_in_one_line(capsys, tmp_path, argv, expected):
+    err = _expect_exit(capsys, main.main, argv + ["--output-dir", str(tmp_path / "o"),
+                                                  "--checkpoint-dir", str(tmp_path / "c")])
+    assert expected in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(capsys, tmp_path):
+    err = _expect_exit(capsys, main.main, ["--device", "cuda", "--output-dir", str(tmp_path)])
+    assert "--device cuda: CUDA is not available" in err
+    err = _expect_exit(capsys, generate.main, ["--checkpoint", "x.pt", "--device", "cuda"])
+    assert "CUDA is not available" in err
+
+
+def test_unwritable_output_folder_is_caught_before_training(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    err = _expect_exit(capsys, main.main, ["--output-dir", str(blocker / "out")])
+    assert "--output-dir" in err and "cannot be written" in err
+    err = _expect_exit(capsys, generate.main, ["--checkpoint", "x.pt", "--output",
+                                               str(blocker / "g.png")])
+    assert "--output" in err and "cannot be written" in err
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory, data_dir):
+    from conftest import tiny_config
+    from utils.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    trainer = Trainer(tiny_config(tmp, data_dir, MAX_STEPS=2), progress=False, log=lambda *a: None)
+    trainer.fit()
+    return trainer.checkpoint_dir / ckpt.LATEST
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "corrupt", "not_ours", "payload"])
+def test_generate_rejects_bad_checkpoints(capsys, tmp_path, small_checkpoint, kind):
+    path = tmp_path / "c.pt"
+    data = small_checkpoint.read_bytes()
+    marker = tmp_path / "payload-ran"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(data[: len(data) // 3])
+    elif kind == "corrupt":
+        path.write_bytes(data[:100] + bytes(len(data) - 100))
+    elif kind == "not_ours":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    elif kind == "payload":
+        from test_training import _Payload
+        torch.save({"format": ckpt.FORMAT, "config": {}, "model": _Payload(marker), "ema": {}}, path)
+    err = _expect_exit(capsys, generate.main, ["--checkpoint", str(path), "--device", "cpu",
+                                               "--output", str(tmp_path / "g.png")])
+    assert str(path) in err
+    assert not marker.exists()
+
+
+def test_resume_with_a_different_model_is_refused(capsys, small_checkpoint, tmp_path):
+    err = _expect_exit(capsys, main.main, ["--resume", str(small_checkpoint), "--model-channels", "32",
+                                           "--output-dir", str(tmp_path)])
+    assert "--model-channels 32 does not match the checkpoint (8)" in err
+
+
+def test_generate_rejects_bad_sampling_requests(capsys, small_checkpoint, tmp_path, data_dir):
+    base = ["--checkpoint", str(small_checkpoint), "--device", "cpu", "--output",
+            str(tmp_path / "g.png"), "--quiet"]
+    err = _expect_exit(capsys, generate.main, base + ["--steps", "51"])
+    assert "--steps 51 exceeds the checkpoint's 50 timesteps" in err
+    err = _expect_exit(capsys, generate.main, base + ["--sampler", "ddpm", "--steps", "10"])
+    assert "--sampler ddpm always takes all 50 steps" in err
+    err = _expect_exit(capsys, generate.main, base + ["--num-samples", "0"])
+    assert "--num-samples must be positive" in err
+    err = _expect_exit(capsys, generate.main, base + ["--interpolate-real", "0", "10000",
+                                                       "--no-download", "--data-dir", str(data_dir)])
+    assert "--interpolate-real 10000" in err
+    err = _expect_exit(capsys, generate.main, ["--output", str(tmp_path / "g.png")])
+    assert "--checkpoint is required" in err
+
+
+def test_missing_data_names_the_files_and_folder(capsys, tmp_path):
+    err = _expect_exit(capsys, main.main, ["--data-dir", str(tmp_path / "nodata"), "--no-download",
+                                           "--output-dir", str(tmp_path / "o"), "--checkpoint-dir",
+                                           str(tmp_path / "c"), "--quiet"], code=1)
+    assert "train-images-idx3-ubyte" in err and "t10k-labels-idx1-ubyte" in err
+    assert str((tmp_path / "nodata" / "MNIST" / "raw").resolve()) in err
+
+
+def test_bad_flag_in_a_real_process_prints_no_traceback():
+    result = run("main.py", "--epochs", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "main.py: error: --epochs must be positive, got 0"]
+
+
+def _start_training(tmp_path, data_dir, *extra):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *TINY, *map(str, dirs(tmp_path, data_dir)),
+                             "--epochs", "100000", *map(str, extra)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout=60.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tmp_path, data_dir, sig, code):
+    proc = _start_training(tmp_path, data_dir, "--save-every", 1000)
+    assert proc.stdout.readline().startswith("training on cpu")
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    latest = tmp_path / "ck" / "latest.pt"
+    assert f"resume with: python main.py --resume {latest}" in err
+    assert "Traceback" not in err
+    state = ckpt.load_checkpoint(latest)
+    assert state["step"] > 0
+    target = state["step"] + 2
+    result = run("main.py", "--resume", "auto", "--checkpoint-dir", tmp_path / "ck",
+                 "--max-steps", target, "--quiet", "--no-download", "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr
+    assert ckpt.load_checkpoint(latest)["step"] == target
+
+
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, data_dir):
+    """Kill -9 a run that rewrites latest.pt every step, several times, at random moments."""
+    rng = random.Random(0)
+    latest = tmp_path / "ck" / "latest.pt"
+    steps_seen = []
+    for attempt in range(5):
+        proc = _start_training(tmp_path, data_dir, "--resume", "auto", "--save-every-steps", 1)
+        before = latest.stat().st_mtime_ns if latest.exists() else 0
+        assert _wait_for(lambda: latest.exists() and latest.stat().st_mtime_ns != before), \
+            proc.stderr.read() if proc.poll() is not None else "no checkpoint written"
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.kill()
+        proc.wait(timeout=30)
+        state = ckpt.load_checkpoint(latest)  # never half-written
+        steps_seen.append(state["step"])
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] > steps_seen[0]
+    result = run("main.py", "--resume", "auto", "--checkpoint-dir", tmp_path / "ck", "--max-steps",
+                 steps_seen[-1] + 2, "--quiet", "--no-download", "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr
+    assert ckpt.load_checkpoint(latest)["step"] == steps_seen[-1] + 2
+    assert not list((tmp_path / "ck").glob(".*tmp*"))  # stale temporaries cleaned up

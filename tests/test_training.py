@@ -1,0 +1,217 @@
+"""Layer 4: checkpoints and the training loop (round trips, exact resume, faults)."""
+import math
+import pickle
+
+import pytest
+import torch
+
+from config import Config, ConfigError
+from models import DiffusionModel
+from utils import checkpoint as ckpt
+from utils.data_loader import InMemoryBatcher
+from utils.trainer import Trainer, TrainingDiverged, config_for_resume
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def test_batcher_yields_every_image_once_per_epoch_in_seeded_order():
+    images = torch.arange(100, dtype=torch.uint8).reshape(100, 1, 1).expand(100, 2, 2).contiguous()
+    batcher = InMemoryBatcher(images, batch_size=32, seed=3)
+    assert len(batcher) == 4
+
+    def epoch_values(b, epoch, start=0):
+        values = [x[:, 0, 0, 0] for x in b.batches(epoch, start)]
+        return torch.cat(values)
+
+    first = epoch_values(batcher, 0)
+    as_pixels = ((first + 1) * 127.5).round().long()
+    assert sorted(as_pixels.tolist()) == list(range(100))  # each image exactly once
+    assert as_pixels.tolist() != list(range(100))  # shuffled
+    assert torch.equal(first, epoch_values(InMemoryBatcher(images, 32, seed=3), 0))  # seeded
+    assert not torch.equal(first, epoch_values(batcher, 1))  # a new order each epoch
+    assert not torch.equal(first, epoch_values(InMemoryBatcher(images, 32, seed=4), 0))
+    assert torch.equal(first[64:], epoch_values(batcher, 0, start=2))  # resumable mid-epoch
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    config = Config(MODEL_CHANNELS=8, CHANNEL_MULT=(1, 2), DEVICE="cpu")
+    assert Config.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="--epochs must be positive, got 0"):
+        Config(EPOCHS=0, DEVICE="cpu").validate()
+    with pytest.raises(ConfigError, match="--beta-start .* must be smaller than --beta-end"):
+        Config(BETA_START=0.03, DEVICE="cpu").validate()
+    with pytest.raises(ConfigError, match="unknown --schedule 'quadratic'"):
+        Config(SCHEDULE_TYPE="quadratic", DEVICE="cpu").validate()
+    with pytest.raises(dataclasses_frozen_error()):
+        config.EPOCHS = 3
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+    return dataclasses.FrozenInstanceError
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tiny):
+    config = tiny(MAX_STEPS=3)
+    trainer = Trainer(config, progress=False, log=quiet)
+    trainer.fit()
+    path = trainer.checkpoint_dir / ckpt.LATEST
+    raw = torch.load(path, weights_only=True)  # plain values and tensors only
+    assert raw["config"]["MODEL_CHANNELS"] == 8 and raw["step"] == 3
+    assert set(raw) >= {"model", "ema", "optimizer", "losses", "config", "step", "epoch"}
+    model, loaded_config = DiffusionModel.from_checkpoint(path)
+    assert loaded_config == config
+    x = torch.randn(2, 1, 28, 28)
+    t = torch.tensor([3, 40])
+    with torch.no_grad():
+        assert torch.equal(model.unet(x, t), trainer.ema.unet(x, t))
+    a = model.sample((2, 1, 28, 28), sampler="dpm-solver", steps=5, seed=1)
+    b = trainer.ema.sample((2, 1, 28, 28), sampler="dpm-solver", steps=5, seed=1)
+    assert torch.equal(a, b)
+    raw_model, _ = DiffusionModel.from_checkpoint(path, ema=False)
+    trainer.model.eval()  # no dropout
+    with torch.no_grad():
+        assert torch.equal(raw_model.unet(x, t), trainer.model.unet(x, t))
+        assert not torch.equal(raw_model.unet(x, t), model.unet(x, t))
+
+
+def _train(config, resume=None):
+    trainer = Trainer(config, resume=resume, progress=False, log=quiet)
+    trainer.fit()
+    return trainer
+
+
+@pytest.mark.parametrize("stop_at", [3, 4, 6])  # mid-epoch, at an epoch's end, in epoch 2
+def test_resume_is_exact(tiny, tmp_path, stop_at):
+    """N steps in one run == k steps, stop, resume, N - k steps (weights and losses)."""
+    total = 9  # 4 steps per epoch (64 digits, batch 16): crosses two epoch boundaries
+    straight = _train(tiny(MAX_STEPS=total, CHECKPOINT_DIR=str(tmp_path / "a")))
+    first = _train(tiny(MAX_STEPS=stop_at, CHECKPOINT_DIR=str(tmp_path / "b")))
+    state = ckpt.load_checkpoint(first.checkpoint_dir / ckpt.LATEST)
+    config = config_for_resume(Config.from_dict(state["config"]), {"MAX_STEPS": total})
+    resumed = _train(config, resume=state)
+    assert resumed.step == straight.step == total
+    assert resumed.losses == straight.losses
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.ema.parameters(), resumed.ema.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_refuses_a_different_model():
+    saved = Config(MODEL_CHANNELS=8, DEVICE="cpu")
+    with pytest.raises(ConfigError, match="--model-channels 16 does not match the checkpoint"):
+        config_for_resume(saved, {"MODEL_CHANNELS": 16})
+    assert config_for_resume(saved, {"EPOCHS": 7}).EPOCHS == 7
+
+
+class _Payload:
+    """Unpickling this would create a file: a stand-in for malicious code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": ckpt.FORMAT, "config": {}, "model": _Payload(marker), "ema": {}}, path)
+    with pytest.raises(ckpt.CheckpointError, match="refused to load"):
+        ckpt.load_checkpoint(path)
+    assert not marker.exists()
+    # the payload is real: plain pickle would have run it
+    with open(path, "rb") as f:
+        try:
+            torch.load(f, weights_only=False)
+        except Exception:
+            pass
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "garbage", "not_ours", "folder"])
+def test_bad_checkpoints_give_one_line_errors(tiny, tmp_path, kind):
+    path = tmp_path / "bad.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind in ("truncated", "garbage"):
+        trainer = _train(tiny(MAX_STEPS=1))
+        data = (trainer.checkpoint_dir / ckpt.LATEST).read_bytes()
+        path.write_bytes(data[: len(data) // 2] if kind == "truncated" else b"\x00junk" * 100)
+    elif kind == "not_ours":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif kind == "folder":
+        path.mkdir()
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+
+
+def test_non_finite_loss_is_skipped_then_stops_training(tiny, monkeypatch):
+    config = tiny(MAX_STEPS=40, MAX_BAD_STEPS=3, SAVE_EVERY_STEPS=2, PRINT_EVERY=1)
+    trainer = Trainer(config, progress=False, log=quiet)
+    original = trainer.model.compute_loss
+    calls = {"n": 0}
+    snapshots = {}
+
+    def flaky_loss(x0, **kwargs):
+        calls["n"] += 1
+        loss = original(x0, **kwargs)
+        if calls["n"] == 3:  # one bad step: skipped, training goes on
+            snapshots["before"] = [p.detach().clone() for p in trainer.model.parameters()]
+            return loss * float("nan")
+        if calls["n"] >= 6:  # from step 6 on, always bad
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer.model, "compute_loss", flaky_loss)
+    original_step = trainer.train_step
+
+    def watched_step(x0):
+        out = original_step(x0)
+        if calls["n"] == 3:
+            snapshots["after"] = [p.detach().clone() for p in trainer.model.parameters()]
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", watched_step)
+    with pytest.raises(TrainingDiverged, match="training stopped at step 8: 3 non-finite"):
+        trainer.fit()
+    for a, b in zip(snapshots["before"], snapshots["after"]):
+        assert torch.equal(a, b)  # the NaN step changed no weight
+    assert math.isnan(trainer.losses[2]) and math.isfinite(trainer.losses[3])
+    # the last checkpoint (step 6, written after one skipped step) is intact and loads
+    state = ckpt.load_checkpoint(trainer.checkpoint_dir / ckpt.LATEST)
+    assert state["step"] == 6
+    losses = state["losses"].tolist()
+    assert [i for i, v in enumerate(losses) if not math.isfinite(v)] == [2, 5]
+    for value in state["model"].values():
+        assert torch.isfinite(value).all()
+
+
+def test_periodic_checkpoints_are_pruned(tiny):
+    trainer = _train(tiny(EPOCHS=4, KEEP=2))
+    names = sorted(p.name for p in trainer.checkpoint_dir.glob("*.pt"))
+    assert names == ["epoch_0003.pt", "epoch_0004.pt", "latest.pt"]
+    assert ckpt.find_latest(trainer.checkpoint_dir).name == "latest.pt"
+
+
+def test_atomic_save_leaves_no_temporary_files(tmp_path):
+    ckpt.save_checkpoint({"config": {}, "model": {}, "ema": {}}, tmp_path / "x.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_training_writes_history_plots_and_grids(tiny):
+    trainer = _train(tiny(EPOCHS=2))
+    out = trainer.config.OUTPUT_DIR
+    from pathlib import Path
+
+    names = {p.name for p in Path(out).iterdir()}
+    assert {"config.json", "loss_history.csv", "loss.png", "samples_epoch_0001.png",
+            "samples_epoch_0002.png", "samples_final.png"} <= names
+    rows = (Path(out) / "loss_history.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,loss" and len(rows) == 1 + 8
