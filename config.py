@@ -65,9 +65,10 @@ class Config:
     EMA_DECAY: float = 0.9995  # decay of the weight average used for sampling
     EMA_WARMUP: bool = True  # use decay min(EMA_DECAY, (1+step)/(10+step)) early in training
     MAX_STEPS: int = 0  # stop after this many optimizer steps in total (0 = no limit)
+    MAX_MINUTES: float = 0.0  # stop after this many minutes of training in total (0 = no limit)
     SEED: int = 0  # seeds weights, data order, noise and samples
     DEVICE: str = field(default_factory=default_device)  # cuda if available, else cpu
-    PRECISION: Precision = "auto"  # autocast dtype: auto = bf16 on cuda, fp32 on cpu
+    PRECISION: Precision = "auto"  # training autocast dtype: auto = bf16 on cuda, fp32 on cpu
     CHANNELS_LAST: bool = False  # channels_last memory format for the UNet (GPU)
     COMPILE: bool = False  # torch.compile the UNet for training
     THREADS: int = 0  # CPU threads for torch (0 = all cores)
@@ -114,7 +115,7 @@ class Config:
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"{flag_for(name)} must be positive, got {value}")
-        non_negative = ["TRAIN_SIZE", "MAX_STEPS", "SAVE_EVERY_STEPS", "KEEP", "EVAL_EVERY", "THREADS",
+        non_negative = ["TRAIN_SIZE", "MAX_STEPS", "MAX_MINUTES", "SAVE_EVERY_STEPS", "KEEP", "EVAL_EVERY", "THREADS",
                         "LR_WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "DROPOUT", "ETA"]
         for name in non_negative:
             value = getattr(self, name)
@@ -154,7 +155,7 @@ class ConfigError(ValueError):
 
 
 # Settings that may differ when a run is resumed: they steer the run, not what is learned.
-RUN_CONTROL = {"EPOCHS", "MAX_STEPS", "DEVICE", "THREADS", "CHECKPOINT_DIR", "OUTPUT_DIR",
+RUN_CONTROL = {"EPOCHS", "MAX_STEPS", "MAX_MINUTES", "DEVICE", "THREADS", "CHECKPOINT_DIR", "OUTPUT_DIR",
                "DATA_DIR", "DOWNLOAD", "SAVE_EVERY", "SAVE_EVERY_STEPS", "KEEP", "NUM_SAMPLES",
                "PRINT_EVERY", "EVAL_EVERY", "EVAL_SAMPLES", "SAMPLER", "SAMPLING_STEPS",
                "ETA", "SPACING", "MAX_BAD_STEPS", "COMPILE"}
@@ -195,9 +196,11 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see: python {self.prog} --help)\n")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, names=None, rename: dict | None = None):
+def add_config_arguments(parser: argparse.ArgumentParser, names=None, rename: dict | None = None,
+                         default_note: dict | None = None):
     """Add a flag for each Config field in `names` (all if None), typed from its annotation,
-    with its comment as help. Defaults are None, so `config_overrides` sees only what was given."""
+    with its comment as help. Defaults are None, so `config_overrides` sees only what was given;
+    default_note replaces the shown default of some fields (e.g. "the checkpoint's")."""
     rename = rename or {}
     helps = field_help()
     hints = get_type_hints(Config)
@@ -207,8 +210,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, names=None, rename: di
             continue
         hint = hints[f.name]
         flag = rename.get(f.name, flag_for(f.name))
-        default = defaults.get(f.name, "see --device" if f.name == "DEVICE" else None)
-        text = f"{helps.get(f.name, '')} (default: {default})"
+        text = helps.get(f.name, "")
+        if default_note and f.name in default_note:
+            text += f" (default: {default_note[f.name]})"
+        elif f.name in defaults:
+            text += f" (default: {defaults[f.name]})"
         kwargs = dict(dest=f.name, default=None, help=text)
         if get_origin(hint) is Literal:
             kwargs.update(choices=get_args(hint), metavar="{" + ",".join(get_args(hint)) + "}")

@@ -9,6 +9,7 @@ Every setting of config.Config is a flag (python main.py --help lists them).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 from config import (PRESETS, Config, ConfigError, OneLineArgumentParser, add_config_arguments,
@@ -18,7 +19,7 @@ from config import (PRESETS, Config, ConfigError, OneLineArgumentParser, add_con
 def build_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(
         prog="main.py", description="Train a DDPM on MNIST (see README.md).",
-        formatter_class=lambda prog: __import__("argparse").HelpFormatter(prog, max_help_position=36))
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=36))
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="start from a named group of settings; explicit flags still win")
     parser.add_argument("--resume", metavar="PATH|auto",

@@ -98,8 +98,9 @@ def ddim_step(scheduler: NoiseScheduler, xt: torch.Tensor, t: int, t_prev: int,
     abar_prev = scheduler.alpha_bar(torch.full((b,), t_prev, dtype=torch.long))
     shape = (b,) + (1,) * (xt.dim() - 1)
     abar_prev = abar_prev.reshape(shape)
+    abar = abar.reshape(shape)
     if eta > 0:
-        sigma = eta * ((1 - abar_prev) / (1 - abar.reshape(shape)) * (1 - abar.reshape(shape) / abar_prev)).sqrt()
+        sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
     else:  # also serves inversion, where t_prev > t and the formula above is undefined
         sigma = torch.zeros_like(abar_prev)
     x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps

@@ -69,11 +69,9 @@ def test_nearest_neighbour_distance_finds_copies():
     assert nearest_neighbour_distance(torch.zeros(3, 28, 28, dtype=torch.uint8), ref).min() > 1
 
 
-@pytest.fixture(scope="module")
-def evaluator(tmp_path_factory, data_dir):
-    folder = tmp_path_factory.mktemp("classifier")
-    return Evaluator(data_dir, folder, "cpu", classifier_train_size=6000, classifier_epochs=1,
-                     progress=False, log=lambda *a: None)
+@pytest.fixture
+def evaluator(quick_evaluator):
+    return quick_evaluator
 
 
 def _blur(images: torch.Tensor) -> torch.Tensor:
@@ -144,3 +142,24 @@ def test_evaluate_npz_from_the_command_line(tmp_path, data_dir, evaluator, capsy
         generate.main(["--evaluate-npz", str(bad), "--output", str(tmp_path / "g.png")])
     assert info.value.code == 2
     assert "must be uint8 (N, 28, 28)" in capsys.readouterr().err
+
+
+def test_evaluation_during_training_is_logged_and_plotted(tiny, quick_evaluator):
+    from pathlib import Path
+
+    from utils.trainer import Trainer
+
+    messages = []
+    config = tiny(EPOCHS=3, EVAL_EVERY=2, EVAL_SAMPLES=40)
+    trainer = Trainer(config, progress=False, log=messages.append, evaluator=quick_evaluator)
+    trainer.fit()
+    assert [e["epoch"] for e in trainer.evaluations] == [2, 3]  # every 2 epochs, and at the end
+    assert all(e["num_samples"] == 40 and e["fid"] > e["fid_floor"] for e in trainer.evaluations)
+    assert any("FID" in m and "on 40 samples" in m for m in messages)
+    out = Path(config.OUTPUT_DIR)
+    assert (out / "training_curves.png").is_file()
+    saved = json.loads((out / "evaluations.json").read_text())["evaluations"]
+    assert len(saved) == 2 and saved[0]["fid"] == pytest.approx(trainer.evaluations[0]["fid"])
+    # the same noise every time: evaluating the same weights again gives the same FID
+    again = trainer.evaluate()
+    assert again["fid"] == pytest.approx(trainer.evaluations[-1]["fid"], rel=1e-6)

@@ -84,19 +84,21 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
         f"steps that took {warmup_seconds:.1f} s)")
 
     steps = None if config.SAMPLER == "ddpm" else config.SAMPLING_STEPS
-    kwargs = dict(sampler=config.SAMPLER, steps=steps, eta=config.ETA, seed=0,
-                  precision=trainer.precision, spacing=config.SPACING)
-    batch = min(sample_count, 10_000 if on_gpu else 500)
-    trainer.ema.generate(min(batch, 64), batch_size=batch, progress=False, **kwargs)  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    trainer.ema.generate(sample_count, batch_size=batch, progress=progress, **kwargs)
-    _sync(device)
-    sample_seconds = time.perf_counter() - start
-    sample_rate = sample_count / sample_seconds
     nfe = steps or config.TIMESTEPS
-    log(f"sampling: {sample_rate:,.0f} images/s ({sample_count} digits, {config.SAMPLER}, "
-        f"{nfe} network evaluations each, batch {batch})")
+    batch = min(sample_count, 10_000 if on_gpu else 500)
+    sample_rates = {}
+    for precision in (["fp32", "bf16"] if on_gpu else ["fp32"]):
+        kwargs = dict(sampler=config.SAMPLER, steps=steps, eta=config.ETA, seed=0,
+                      precision=precision, spacing=config.SPACING)
+        trainer.ema.generate(min(batch, 64), batch_size=batch, progress=False, **kwargs)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        trainer.ema.generate(sample_count, batch_size=batch, progress=progress, **kwargs)
+        _sync(device)
+        sample_rates[precision] = sample_count / (time.perf_counter() - start)
+        log(f"sampling ({precision}): {sample_rates[precision]:,.0f} images/s ({sample_count} "
+            f"digits, {config.SAMPLER}, {nfe} network evaluations each, batch {batch})")
+    sample_rate = sample_rates["fp32"]
 
     if on_gpu:
         peak_bytes = torch.cuda.max_memory_allocated(device)
@@ -117,6 +119,7 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
         "train_images_per_s": train_rate, "train_seconds_per_epoch": 60_000 / train_rate,
         "warmup_seconds": warmup_seconds,
         "sampler": config.SAMPLER, "sampling_nfe": nfe, "sample_images_per_s": sample_rate,
+        "sample_images_per_s_bf16": sample_rates.get("bf16"),
         "sample_batch": batch,
         "peak_memory_mb": peak_bytes / 2 ** 20,
         "peak_memory_kind": "cuda max_memory_allocated" if on_gpu else "process max RSS",

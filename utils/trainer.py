@@ -96,6 +96,7 @@ class Trainer:
             self.model.unet.compile()
         self.evaluator = evaluator
         self._stop_signal = None
+        self.timed_out = False
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ----- settings derived from the config -----
@@ -174,7 +175,7 @@ class Trainer:
 
     def _loop(self, bar):
         cfg = self.config
-        while self.epoch < cfg.EPOCHS and self.step < self.total_steps:
+        while self.epoch < cfg.EPOCHS and self.step < self.total_steps and not self.timed_out:
             tick, images_done = time.perf_counter(), 0
             for x0 in self.batcher.batches(self.epoch, self.batch_in_epoch):
                 loss, bad = self.train_step(x0)
@@ -197,7 +198,7 @@ class Trainer:
                     self.elapsed += self._flush(tick)
                     path = self.save(self.checkpoint_dir / ckpt.LATEST)
                     raise TrainingInterrupted(self._stop_signal, path)
-                if self.step >= self.total_steps:
+                if self.step >= self.total_steps or self._out_of_time(tick):
                     break
             self.elapsed += self._flush(tick)
             if self.batch_in_epoch >= self.steps_per_epoch:
@@ -223,6 +224,13 @@ class Trainer:
                         f"checkpoint in {self.config.CHECKPOINT_DIR} is untouched. Try a lower "
                         f"--lr or --grad-clip")
         return time.perf_counter() - since
+
+    def _out_of_time(self, tick: float) -> bool:
+        """MAX_MINUTES reached, counting this epoch's unflushed time too (no sync needed)."""
+        limit = self.config.MAX_MINUTES * 60
+        if limit and self.elapsed + (time.perf_counter() - tick) >= limit:
+            self.timed_out = True
+        return self.timed_out
 
     def _recent_loss(self, window: int = 100) -> float:
         recent = [v for v in self.losses[-window:] if math.isfinite(v)]
@@ -250,6 +258,8 @@ class Trainer:
 
     def finish(self) -> dict:
         cfg = self.config
+        if cfg.EVAL_EVERY and (not self.evaluations or self.evaluations[-1]["step"] != self.step):
+            self.evaluate()  # the run stopped between evaluations (max steps or minutes)
         latest = self.save(self.checkpoint_dir / ckpt.LATEST)
         grid = self.save_samples(Path(cfg.OUTPUT_DIR) / "samples_final.png")
         self.write_history()
@@ -268,8 +278,7 @@ class Trainer:
         cfg = self.config
         images = self.ema.sample((cfg.NUM_SAMPLES, *self.ema.image_shape), sampler=cfg.SAMPLER,
                                  steps=None if cfg.SAMPLER == "ddpm" else cfg.SAMPLING_STEPS,
-                                 eta=cfg.ETA, seed=cfg.SEED, precision=self.precision,
-                                 spacing=cfg.SPACING)
+                                 eta=cfg.ETA, seed=cfg.SEED, spacing=cfg.SPACING)
         return save_images(images, path, nrow=max(1, int(math.sqrt(cfg.NUM_SAMPLES))))
 
     def write_history(self):
@@ -302,10 +311,9 @@ class Trainer:
                                        download=cfg.DOWNLOAD)
         steps = None if cfg.SAMPLER == "ddpm" else cfg.SAMPLING_STEPS
         images = self.ema.generate(cfg.EVAL_SAMPLES, progress=self.progress, sampler=cfg.SAMPLER,
-                                   steps=steps, eta=cfg.ETA, seed=EVAL_SEED,
-                                   precision=self.precision, spacing=cfg.SPACING)
+                                   steps=steps, eta=cfg.ETA, seed=EVAL_SEED, spacing=cfg.SPACING)
         result = self.evaluator.evaluate(images, memorisation=False, precision_recall_k=None)
-        record = {"epoch": self.epoch, "step": self.step, "train_seconds": self.elapsed,
+        record = {"epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch, "step": self.step, "train_seconds": self.elapsed,
                   "num_samples": cfg.EVAL_SAMPLES, "fid": result["fid"],
                   "fid_floor": result["floor"]["fid"],
                   "confident_fraction": result["confident_fraction"],
