@@ -39,10 +39,13 @@ class Config:
     CHANNELS: int = 1  # image channels (MNIST is greyscale)
     TRAIN_SIZE: int = 0  # train on the first N digits only (0 = all 60,000; for quick trials)
     DOWNLOAD: bool = True  # try to download MNIST when the files are missing
+    LOADER: Literal["memory", "dataloader"] = "memory"  # batches from a device tensor, or torchvision's DataLoader
+    NUM_WORKERS: int = 0  # DataLoader worker processes (with --loader dataloader)
 
     # --- model (UNet) ---
     MODEL_CHANNELS: int = 64  # UNet width at full resolution
     CHANNEL_MULT: tuple = (1, 2, 2)  # width multipliers per resolution (28, 14, 7)
+    PATCH_SIZE: int = 1  # fold PxP pixels into channels first (2: the UNet runs at 14 -> 7)
     NUM_RES_BLOCKS: int = 2  # residual blocks per resolution on the way down
     TIME_EMBED_DIM: int = 256  # width of the timestep embedding
     ATTENTION: bool = True  # self-attention at the lowest resolution
@@ -107,7 +110,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise ConfigError naming the flag for the first setting that cannot work."""
-        positive = ["EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "TIMESTEPS", "MODEL_CHANNELS",
+        positive = ["PATCH_SIZE", "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "TIMESTEPS", "MODEL_CHANNELS",
                     "TIME_EMBED_DIM", "NUM_RES_BLOCKS", "SAVE_EVERY", "NUM_SAMPLES",
                     "PRINT_EVERY", "SAMPLING_STEPS", "EVAL_SAMPLES", "MAX_BAD_STEPS", "IMAGE_SIZE",
                     "CHANNELS"]
@@ -115,7 +118,7 @@ class Config:
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"{flag_for(name)} must be positive, got {value}")
-        non_negative = ["TRAIN_SIZE", "MAX_STEPS", "MAX_MINUTES", "SAVE_EVERY_STEPS", "KEEP", "EVAL_EVERY", "THREADS",
+        non_negative = ["NUM_WORKERS", "TRAIN_SIZE", "MAX_STEPS", "MAX_MINUTES", "SAVE_EVERY_STEPS", "KEEP", "EVAL_EVERY", "THREADS",
                         "LR_WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "DROPOUT", "ETA"]
         for name in non_negative:
             value = getattr(self, name)
@@ -137,10 +140,14 @@ class Config:
                               f"--timesteps ({self.TIMESTEPS})")
         if not self.CHANNEL_MULT or any(m <= 0 for m in self.CHANNEL_MULT):
             raise ConfigError(f"--channel-mult needs positive integers, got {self.CHANNEL_MULT}")
-        if self.IMAGE_SIZE % 2 ** (len(self.CHANNEL_MULT) - 1):
+        if self.IMAGE_SIZE % self.PATCH_SIZE:
+            raise ConfigError(f"--patch-size {self.PATCH_SIZE} does not divide --image-size "
+                              f"{self.IMAGE_SIZE}")
+        side = self.IMAGE_SIZE // self.PATCH_SIZE
+        if side % 2 ** (len(self.CHANNEL_MULT) - 1):
             raise ConfigError(f"--channel-mult has {len(self.CHANNEL_MULT)} resolutions, so "
-                              f"{len(self.CHANNEL_MULT) - 1} halvings, which {self.IMAGE_SIZE}x"
-                              f"{self.IMAGE_SIZE} images do not allow")
+                              f"{len(self.CHANNEL_MULT) - 1} halvings, which a {side}x{side} "
+                              f"input (image size / patch size) does not allow")
         for name, hint in get_type_hints(type(self)).items():
             if get_origin(hint) is Literal and getattr(self, name) not in get_args(hint):
                 raise ConfigError(f"unknown {flag_for(name)} {getattr(self, name)!r}; "
@@ -155,7 +162,7 @@ class ConfigError(ValueError):
 
 
 # Settings that may differ when a run is resumed: they steer the run, not what is learned.
-RUN_CONTROL = {"EPOCHS", "MAX_STEPS", "MAX_MINUTES", "DEVICE", "THREADS", "CHECKPOINT_DIR", "OUTPUT_DIR",
+RUN_CONTROL = {"EPOCHS", "MAX_STEPS", "MAX_MINUTES", "DEVICE", "LOADER", "NUM_WORKERS", "THREADS", "CHECKPOINT_DIR", "OUTPUT_DIR",
                "DATA_DIR", "DOWNLOAD", "SAVE_EVERY", "SAVE_EVERY_STEPS", "KEEP", "NUM_SAMPLES",
                "PRINT_EVERY", "EVAL_EVERY", "EVAL_SAMPLES", "SAMPLER", "SAMPLING_STEPS",
                "ETA", "SPACING", "MAX_BAD_STEPS", "COMPILE"}

@@ -94,6 +94,10 @@ def main(argv=None) -> int:
         print(f"stopped by {name}; checkpoint saved to {path}\n"
               f"resume with: python main.py --resume {path}", file=sys.stderr)
         return 130 if name == "SIGINT" else 143
+    except KeyboardInterrupt:
+        print("main.py: interrupted twice; stopped without saving this step "
+              f"(the last checkpoint is in {config.CHECKPOINT_DIR})", file=sys.stderr)
+        return 130
     except TrainingDiverged as error:
         print(f"main.py: error: {error}", file=sys.stderr)
         return 1

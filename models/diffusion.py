@@ -31,11 +31,11 @@ class DiffusionModel(nn.Module):
                  schedule_type: str = "linear", channel_mult: tuple = (1, 2, 2),
                  num_res_blocks: int = 2, attention: bool = True, dropout: float = 0.0,
                  image_size: int = 28, prediction: str = "eps", loss_weighting: str = "none",
-                 clip_x0: bool = True):
+                 clip_x0: bool = True, patch_size: int = 1):
         super().__init__()
         self.scheduler = NoiseScheduler(timesteps, beta_start, beta_end, schedule_type)
         self.unet = UNet(in_channels, model_channels, time_embed_dim, tuple(channel_mult),
-                         num_res_blocks, attention, dropout)
+                         num_res_blocks, attention, dropout, patch_size=patch_size)
         self.image_shape = (in_channels, image_size, image_size)
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {prediction!r}; expected one of eps, v")
@@ -51,7 +51,8 @@ class DiffusionModel(nn.Module):
                    schedule_type=config.SCHEDULE_TYPE, channel_mult=config.CHANNEL_MULT,
                    num_res_blocks=config.NUM_RES_BLOCKS, attention=config.ATTENTION,
                    dropout=config.DROPOUT, image_size=config.IMAGE_SIZE,
-                   prediction=config.PREDICTION, loss_weighting=config.LOSS_WEIGHTING)
+                   prediction=config.PREDICTION, loss_weighting=config.LOSS_WEIGHTING,
+                   patch_size=config.PATCH_SIZE)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", ema: bool = True):

@@ -35,6 +35,18 @@ def test_batcher_yields_every_image_once_per_epoch_in_seeded_order():
     assert torch.equal(first[64:], epoch_values(batcher, 0, start=2))  # resumable mid-epoch
 
 
+def test_dataloader_pipeline_gives_the_same_batches(data_dir):
+    from utils.data_loader import DataLoaderBatcher, load_mnist
+
+    images, _ = load_mnist(data_dir)
+    fast = InMemoryBatcher(images[:100], batch_size=32, seed=5)
+    classic = DataLoaderBatcher(data_dir, batch_size=32, seed=5, train_size=100)
+    assert len(fast) == len(classic) == 4
+    for epoch, start in [(0, 0), (1, 2)]:
+        for a, b in zip(fast.batches(epoch, start), classic.batches(epoch, start), strict=True):
+            assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_config_round_trip_and_validation(tmp_path):
     config = Config(MODEL_CHANNELS=8, CHANNEL_MULT=(1, 2), DEVICE="cpu")
     assert Config.from_dict(config.to_dict()) == config

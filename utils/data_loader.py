@@ -135,3 +135,40 @@ class InMemoryBatcher:
         for i in range(start, len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield normalize_images(self.images[index]).unsqueeze(1)
+
+
+class DataLoaderBatcher:
+    """The classic pipeline, for comparison: torchvision's dataset with per-image PIL
+    transforms behind a DataLoader, batches copied to the device. Same interface and
+    the same per-epoch seeded order as InMemoryBatcher (so resume stays exact), only slower.
+    """
+
+    def __init__(self, data_dir, batch_size: int, seed: int = 0, device="cpu",
+                 train_size: int = 0, num_workers: int = 0, download: bool = True):
+        import torchvision
+        from torchvision import transforms
+
+        ensure_mnist(data_dir, download)
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+        dataset = torchvision.datasets.MNIST(root=str(data_dir), train=True, transform=transform,
+                                             download=False)
+        if train_size:
+            dataset = torch.utils.data.Subset(dataset, range(train_size))
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def batches(self, epoch: int, start: int = 0):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        sampler = order[start * self.batch_size:]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size,
+                                             sampler=sampler, num_workers=self.num_workers,
+                                             pin_memory=self.device.type == "cuda")
+        for images, _ in loader:
+            yield images.to(self.device, non_blocking=True)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from config import RUN_CONTROL, Config, ConfigError, flag_for
 from models.diffusion import DiffusionModel
 from utils import checkpoint as ckpt
-from utils.data_loader import InMemoryBatcher, load_mnist
+from utils.data_loader import DataLoaderBatcher, InMemoryBatcher, load_mnist
 from utils.seeding import capture_rng_state, restore_rng_state, seed_everything
 
 EVAL_SEED = 2024  # the fixed noise of every in-training evaluation
@@ -75,10 +75,15 @@ class Trainer:
                                            weight_decay=config.WEIGHT_DECAY, fused=True)
         self.generator = torch.Generator(device=self.device).manual_seed(config.SEED + 1)
 
-        images, _ = load_mnist(config.DATA_DIR, train=True, download=config.DOWNLOAD)
-        if config.TRAIN_SIZE:
-            images = images[:config.TRAIN_SIZE]
-        self.batcher = InMemoryBatcher(images, config.BATCH_SIZE, config.SEED, self.device)
+        if config.LOADER == "dataloader":
+            self.batcher = DataLoaderBatcher(config.DATA_DIR, config.BATCH_SIZE, config.SEED,
+                                             self.device, config.TRAIN_SIZE, config.NUM_WORKERS,
+                                             config.DOWNLOAD)
+        else:
+            images, _ = load_mnist(config.DATA_DIR, train=True, download=config.DOWNLOAD)
+            if config.TRAIN_SIZE:
+                images = images[:config.TRAIN_SIZE]
+            self.batcher = InMemoryBatcher(images, config.BATCH_SIZE, config.SEED, self.device)
         self.steps_per_epoch = len(self.batcher)
         self.checkpoint_dir = Path(config.CHECKPOINT_DIR)
 
@@ -97,6 +102,7 @@ class Trainer:
         self.evaluator = evaluator
         self._stop_signal = None
         self.timed_out = False
+        self._latest_step = None  # the step latest.pt was last written at, in this process
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ----- settings derived from the config -----
@@ -249,10 +255,9 @@ class Trainer:
         if cfg.EVAL_EVERY and (self.epoch % cfg.EVAL_EVERY == 0 or last):
             self.evaluate()
         if self.epoch % cfg.SAVE_EVERY == 0 or last:
-            path = self.checkpoint_dir / ckpt.periodic_name(self.epoch)
-            self.save(path)
+            self.save(self.checkpoint_dir / ckpt.periodic_name(self.epoch),
+                      self.checkpoint_dir / ckpt.LATEST)
             ckpt.prune_periodic(self.checkpoint_dir, cfg.KEEP)
-            self.save(self.checkpoint_dir / ckpt.LATEST)
             self.save_samples(Path(cfg.OUTPUT_DIR) / f"samples_epoch_{self.epoch:04d}.png")
             self.write_history()
 
@@ -260,6 +265,7 @@ class Trainer:
         cfg = self.config
         if cfg.EVAL_EVERY and (not self.evaluations or self.evaluations[-1]["step"] != self.step):
             self.evaluate()  # the run stopped between evaluations (max steps or minutes)
+            self._latest_step = None  # so that latest.pt records this evaluation too
         latest = self.save(self.checkpoint_dir / ckpt.LATEST)
         grid = self.save_samples(Path(cfg.OUTPUT_DIR) / "samples_final.png")
         self.write_history()
@@ -340,8 +346,18 @@ class Trainer:
             "rng": capture_rng_state(),
         }
 
-    def save(self, path: Path) -> Path:
-        return ckpt.save_checkpoint(self.state_dict(), path)
+    def save(self, *paths: Path) -> Path:
+        """Write the training state to each path (atomically); returns the last.
+        latest.pt is not rewritten when it already holds this step."""
+        state = None
+        for path in paths:
+            if path.name == ckpt.LATEST and self._latest_step == self.step:
+                continue
+            state = state or self.state_dict()
+            ckpt.save_checkpoint(state, path)
+            if path.name == ckpt.LATEST:
+                self._latest_step = self.step
+        return paths[-1]
 
     def load_state(self, state: dict):
         try:
