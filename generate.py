@@ -220,7 +220,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
 
         x0 = normalize_images(test_digits()[:8]).unsqueeze(1)
         path = output.with_name(output.stem + "_forward.png")
-        steps_shown = [int(round(f * (config.TIMESTEPS - 1))) for f in
+        steps_shown = [min(round(f * config.TIMESTEPS), config.TIMESTEPS - 1) for f in
                        (0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)]
         visualize_diffusion_process(model, x0, steps_shown, save_path=path)
         written.append(path)
@@ -283,8 +283,13 @@ def chain(args, model, sample_kwargs, output, columns: int = 11, gif_frames: int
                  **sample_kwargs)
     x_T = PerSampleNoise(sample_kwargs["seed"], range(count), model.image_shape, "cpu").initial()
     frames = [x_T] + [x for _, x in states]
+    levels = [t for t, _ in states]  # the state after the step at levels[k] is at levels[k + 1]
+    labels = ["x_T"] + [f"t={t}" for t in levels[1:]] + ["x_0"]
     pick = sorted({round(k * (len(frames) - 1) / (columns - 1)) for k in range(columns)})
-    png = save_chain([frames[k] for k in pick], output.with_name(output.stem + "_chain.png"))
+    title = (f"reverse process, {sample_kwargs['sampler']} with {len(states)} steps: "
+             f"x_T (noise) -> x_0")
+    png = save_chain([frames[k] for k in pick], output.with_name(output.stem + "_chain.png"),
+                     [labels[k] for k in pick], title)
     every = max(1, len(frames) // gif_frames)
     gif_list = frames[::every] + ([frames[-1]] if (len(frames) - 1) % every else [])
     gif = save_gif(gif_list, output.with_name(output.stem + "_chain.gif"),

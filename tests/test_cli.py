@@ -241,3 +241,15 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
     assert result.returncode == 0, result.stderr
     assert ckpt.load_checkpoint(latest)["step"] == steps_seen[-1] + 2
     assert not list((tmp_path / "ck").glob(".*tmp*"))  # stale temporaries cleaned up
+
+
+def test_out_of_memory_suggests_a_smaller_batch(capsys, tmp_path, data_dir, monkeypatch):
+    from utils import trainer
+
+    def no_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer.Trainer, "fit", no_memory)
+    err = _expect_exit(capsys, main.main, [*TINY, *map(str, dirs(tmp_path, data_dir)),
+                                           "--batch-size", "4096"], code=1)
+    assert "out of memory" in err and "--batch-size 4096" in err and "smaller --batch-size" in err

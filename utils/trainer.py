@@ -166,8 +166,10 @@ class Trainer:
         n_params = sum(p.numel() for p in self.params)
         self.log(f"training on {self.device} ({self.precision}): {n_params / 1e6:.2f}M parameters, "
                  f"{self.steps_per_epoch} steps of {cfg.BATCH_SIZE} per epoch, "
-                 f"{self.total_steps} steps in all" + (f", resuming at step {self.step}"
-                                                       if self.step else ""))
+                 f"{self.total_steps} steps in all"
+                 + (f" or {cfg.MAX_MINUTES:g} minutes of training, whichever comes first"
+                    if cfg.MAX_MINUTES else "")
+                 + (f", resuming at step {self.step}" if self.step else ""))
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.progress)

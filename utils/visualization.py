@@ -136,6 +136,28 @@ def plot_training_curves(losses, evaluations: list[dict], save_path, steps_per_e
     plt.close(fig)
 
 
+def save_labelled_grid(images: torch.Tensor, save_path, ncol: int, column_labels: list[str],
+                       title: str = "") -> Path:
+    """A grid (row-major, `ncol` per row) with a label over each column, via matplotlib."""
+    path = _prepare(save_path)
+    picture = np.asarray(grid_image(images, nrow=ncol, scale=1))
+    cell = picture.shape[1] / ncol
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.75 * ncol), 0.75 * picture.shape[0] / cell + 0.6))
+    ax.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([cell * (i + 0.5) for i in range(ncol)], column_labels, fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=10, pad=18)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 @torch.no_grad()
 def visualize_diffusion_process(model, x0: torch.Tensor, timesteps_to_show=(0, 50, 100, 200,
                                                                             400, 600, 800, 999),
@@ -155,14 +177,16 @@ def visualize_diffusion_process(model, x0: torch.Tensor, timesteps_to_show=(0, 5
         columns.append(model.forward_diffusion(x0, tt, noise)[0])
     images = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: image, then timestep
     if save_path is not None:
-        save_images(images, save_path, nrow=len(columns))
+        labels = ["x0"] + [f"t={min(int(t), model.timesteps - 1)}" for t in timesteps_to_show]
+        save_labelled_grid(images, save_path, len(columns), labels,
+                           "forward process q(x_t | x_0): noise added to test digits")
     return images
 
 
-def save_chain(frames: list[torch.Tensor], save_path, nrow: int | None = None) -> Path:
-    """A chain x_T -> x_0 as a grid: one row per sample, one column per frame."""
+def save_chain(frames: list[torch.Tensor], save_path, labels: list[str], title: str = "") -> Path:
+    """A chain x_T -> x_0 as a grid: one row per sample, one labelled column per frame."""
     images = torch.stack(frames, dim=1).flatten(0, 1)
-    return save_images(images, save_path, nrow=nrow or len(frames))
+    return save_labelled_grid(images, save_path, len(frames), labels, title)
 
 
 def save_gif(frames: list[torch.Tensor], save_path, nrow: int = 8, duration_ms: int = 60,
