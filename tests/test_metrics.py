@@ -89,7 +89,11 @@ def test_metric_ranks_real_over_blurred_over_noise(evaluator):
     fid = {k: v["fid"] for k, v in scores.items()}
     assert fid["real"] * 5 < fid["blurred"] and fid["blurred"] * 2 < fid["noise"], fid
     assert scores["real"]["confident_fraction"] > scores["blurred"]["confident_fraction"]
-    assert scores["real"]["precision"] > 0.5 > scores["noise"]["precision"]
+    # recall: a set of one repeated feature (noise collapses to one point, blur to a few)
+    # covers little of the real manifold. Precision is not ranked here: whether one
+    # collapsed point falls in some real digit's k-NN ball depends on the classifier.
+    assert scores["real"]["precision"] > 0.5 and scores["real"]["recall"] > 0.3
+    assert scores["blurred"]["recall"] < 0.1 and scores["noise"]["recall"] < 0.1
     assert scores["real"]["class_kl"] < 0.05
 
 

@@ -99,7 +99,8 @@ def test_ddim_eta0_is_deterministic_and_invertible():
         back = samplers.sample_ddim(denoiser, model.scheduler, x_T, steps, clip_x0=False)
         errors[steps] = (back - x0).abs().mean().item()
         assert (x_T - x0).abs().mean() > 0.3  # x_T is far from the image ...
-    assert errors[200] < 0.02 and errors[200] < errors[20], errors  # ... and maps back to it
+    # ... and maps back to it, with an error that shrinks like 1/steps (a first-order method)
+    assert errors[200] < 0.05 and errors[200] < errors[20] / 4, errors
 
 
 def test_ddim_inversion_is_exact_in_the_limit_with_the_exact_denoiser():
