@@ -205,12 +205,13 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, names=None, rename: dict | None = None,
-                         default_note: dict | None = None):
+                         default_note: dict | None = None, help_text: dict | None = None):
     """Add a flag for each Config field in `names` (all if None), typed from its annotation,
     with its comment as help. Defaults are None, so `config_overrides` sees only what was given;
-    default_note replaces the shown default of some fields (e.g. "the checkpoint's")."""
+    default_note replaces the shown default of some fields (e.g. "the checkpoint's") and
+    help_text the comment (for a script that uses the setting differently)."""
     rename = rename or {}
-    helps = field_help()
+    helps = {**field_help(), **(help_text or {})}
     hints = get_type_hints(Config)
     defaults = _defaults()
     for f in dataclasses.fields(Config):

@@ -40,7 +40,13 @@ def build_parser() -> OneLineArgumentParser:
                                    "DOWNLOAD", "CHECKPOINT_DIR", "OUTPUT_DIR"},
                          default_note={**{name: "the checkpoint's setting"
                                           for name in ("SAMPLER", "ETA", "SPACING")},
-                                       "PRECISION": "fp32; bf16 autocast is faster on GPUs"})
+                                       "PRECISION": "fp32; bf16 autocast is faster on GPUs"},
+                         help_text={
+                             "SAMPLER": "sampler for grids, --evaluate and --chain "
+                                        "(interpolation always decodes with DDIM, eta 0)",
+                             "PRECISION": "sampling precision (auto = bf16 on CUDA)",
+                             "CHECKPOINT_DIR": "where the evaluation classifier is cached",
+                             "OUTPUT_DIR": "where --evaluate writes its JSON"})
     p.add_argument("--raw-weights", action="store_true",
                    help="sample with the raw weights instead of their EMA (for comparison)")
     p.add_argument("--save-npz", metavar="PATH",
@@ -205,7 +211,8 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
             result.update(checkpoint=str(args.checkpoint), sampler=label, seed=args.seed,
                           sampling_seconds=seconds, device=device, sampling_precision=precision,
                           raw_weights=args.raw_weights)
-            name = f"eval_{Path(args.checkpoint).stem}_{label}_n{count}.json"
+            name = (f"eval_{Path(args.checkpoint).stem}_{label}"
+                    f"{'_raw' if args.raw_weights else ''}_n{count}.json")
             written.append(save_json(result, out_dir / name))
             print(format_report(result, f"{args.checkpoint} ({label}):"))
 
@@ -261,7 +268,7 @@ def interpolate(args, model, steps, precision, output, test_digits) -> list[Path
         real = normalize_images(test_images[[i, j]]).unsqueeze(1).to(device)
         latents = invert(model, real, args.inversion_steps, precision)
         images = interpolation_path(model, latents[:1], latents[1:], args.num_steps,
-                                    args.inversion_steps, precision)[0]
+                                    args.inversion_steps, precision, clip_x0=False)[0]
         strip = torch.cat([real[:1], images, real[1:]])
         path = output.with_name(output.stem + f"_interpolation_real_{i}_{j}.png")
         written.append(save_images(strip, path, nrow=len(strip)))

@@ -41,6 +41,9 @@ def build_config(args) -> tuple[Config, dict | None]:
 
     requested = {**PRESETS.get(args.preset, {}), **config_overrides(args)}
     state = None
+    if args.resume and args.preset:
+        print(f"--preset {args.preset} ignored: a resumed run keeps its checkpoint's settings")
+        requested = config_overrides(args)
     if args.resume:
         folder = requested.get("CHECKPOINT_DIR", Config.CHECKPOINT_DIR)
         path = ckpt.find_latest(folder) if args.resume == "auto" else args.resume
@@ -49,8 +52,14 @@ def build_config(args) -> tuple[Config, dict | None]:
         else:
             state = ckpt.load_checkpoint(path)
             saved = Config.from_dict(state["config"])
-            if "DEVICE" not in requested:
-                requested["DEVICE"] = Config().DEVICE
+            if "DEVICE" not in requested:  # the run's own device, if this machine has it
+                try:
+                    check_device(saved.DEVICE)
+                    requested["DEVICE"] = saved.DEVICE
+                except ConfigError:
+                    requested["DEVICE"] = Config().DEVICE
+                    print(f"the run trained on {saved.DEVICE}, which this machine lacks; "
+                          f"continuing on {requested['DEVICE']} (not bit-for-bit as one run)")
             config = config_for_resume(saved, requested).validate()
             print(f"resuming {path} at step {state['step']} (epoch {state['epoch']})")
             return config, state
@@ -85,6 +94,10 @@ def main(argv=None) -> int:
             print("note: the default model trains at ~25 images/s on a 2-core CPU (~40 minutes "
                   "an epoch); --preset cpu trains a small model to digits in 15 minutes")
         trainer = Trainer(config, resume=state, progress=not args.quiet)
+        finished = trainer.finished()
+        if finished:
+            print(f"nothing to do: the run in {args.resume} is finished ({finished})")
+            return 0
         trainer.fit()
     except MNISTNotFoundError as error:
         print(f"main.py: error: {error}", file=sys.stderr)
@@ -98,13 +111,13 @@ def main(argv=None) -> int:
               f"resume with: python main.py --resume {path}", file=sys.stderr)
         return 130 if name == "SIGINT" else 143
     except KeyboardInterrupt:
-        print("main.py: interrupted twice; stopped without saving this step "
-              f"(the last checkpoint is in {config.CHECKPOINT_DIR})", file=sys.stderr)
+        print("main.py: interrupted; stopped without saving "
+              f"(the last checkpoint, if any, is in {config.CHECKPOINT_DIR})", file=sys.stderr)
         return 130
     except TrainingDiverged as error:
         print(f"main.py: error: {error}", file=sys.stderr)
         return 1
-    except torch.OutOfMemoryError:
+    except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError):  # torch < 2.5
         print(f"main.py: error: out of memory on {config.DEVICE} with --batch-size "
               f"{config.BATCH_SIZE}; try a smaller --batch-size (e.g. {max(1, config.BATCH_SIZE // 2)})"
               f" or --model-channels", file=sys.stderr)

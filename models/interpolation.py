@@ -30,23 +30,26 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float | torch.Tensor) -> to
 
 
 @torch.no_grad()
-def decode(model, x_T: torch.Tensor, steps: int, precision: str = "fp32") -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from x_T to images in [-1, 1]."""
+def decode(model, x_T: torch.Tensor, steps: int, precision: str = "fp32",
+           clip_x0: bool | None = None) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from x_T to images in [-1, 1]. clip_x0=False undoes
+    `invert` exactly (inversion cannot clip); None takes the model's setting."""
+    clip = model.clip_x0 if clip_x0 is None else clip_x0
     x = samplers.sample_ddim(model.denoiser(precision), model.scheduler, x_T, steps, eta=0.0,
-                             prediction=model.prediction, clip_x0=model.clip_x0)
+                             prediction=model.prediction, clip_x0=clip)
     return x.clamp(-1, 1)
 
 
 @torch.no_grad()
 def interpolation_path(model, z0: torch.Tensor, z1: torch.Tensor, num_steps: int, steps: int,
-                       precision: str = "fp32") -> torch.Tensor:
+                       precision: str = "fp32", clip_x0: bool | None = None) -> torch.Tensor:
     """Decode `num_steps` slerp points between each pair (z0[i], z1[i]).
 
     Returns images of shape (P, num_steps, C, H, W) for P pairs.
     """
     alphas = torch.linspace(0, 1, num_steps)
     points = torch.stack([slerp(z0, z1, float(a)) for a in alphas], dim=1)  # (P, K, C, H, W)
-    images = decode(model, points.flatten(0, 1), steps, precision)
+    images = decode(model, points.flatten(0, 1), steps, precision, clip_x0)
     return images.reshape(points.shape)
 
 

@@ -253,3 +253,36 @@ def test_out_of_memory_suggests_a_smaller_batch(capsys, tmp_path, data_dir, monk
     err = _expect_exit(capsys, main.main, [*TINY, *map(str, dirs(tmp_path, data_dir)),
                                            "--batch-size", "4096"], code=1)
     assert "out of memory" in err and "--batch-size 4096" in err and "smaller --batch-size" in err
+
+
+def _copy_checkpoint(source, tmp_path, **config_changes):
+    state = ckpt.load_checkpoint(source)
+    state["config"].update(config_changes)
+    path = tmp_path / "ck" / "latest.pt"
+    path.parent.mkdir()
+    torch.save(state, path)
+    return path
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(capsys, small_checkpoint, tmp_path):
+    path = _copy_checkpoint(small_checkpoint, tmp_path)  # trained for its MAX_STEPS = 2
+    before = path.stat().st_mtime_ns
+    assert main.main(["--resume", str(path), "--quiet", "--checkpoint-dir", str(tmp_path / "ck"),
+                      "--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "step 2 of 2" in out and "--max-steps" in out
+    assert path.stat().st_mtime_ns == before and not list((tmp_path / "out").glob("*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resume_continues_on_this_machine_when_the_runs_device_is_missing(capsys, small_checkpoint,
+                                                                          tmp_path):
+    """A run trained on a GPU, resumed on a CPU box; a preset given on resume is ignored."""
+    path = _copy_checkpoint(small_checkpoint, tmp_path, DEVICE="cuda")
+    assert main.main(["--resume", str(path), "--preset", "cpu", "--max-steps", "3", "--quiet",
+                      "--checkpoint-dir", str(tmp_path / "ck"),
+                      "--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "--preset cpu ignored" in out and "continuing on cpu" in out
+    state = ckpt.load_checkpoint(path)
+    assert state["step"] == 3 and state["config"]["DEVICE"] == "cpu"

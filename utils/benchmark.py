@@ -116,7 +116,7 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
         "channels_last": config.CHANNELS_LAST, "compile": config.COMPILE,
         "model_channels": config.MODEL_CHANNELS, "channel_mult": list(config.CHANNEL_MULT),
         "num_res_blocks": config.NUM_RES_BLOCKS, "attention": config.ATTENTION,
-        "train_images_per_s": train_rate, "train_seconds_per_epoch": 60_000 / train_rate,
+        "train_images_per_s": train_rate, "train_seconds_per_epoch": len(trainer.batcher) * config.BATCH_SIZE / train_rate,
         "warmup_seconds": warmup_seconds,
         "sampler": config.SAMPLER, "sampling_nfe": nfe, "sample_images_per_s": sample_rate,
         "sample_images_per_s_bf16": sample_rates.get("bf16"),

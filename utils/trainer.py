@@ -233,6 +233,16 @@ class Trainer:
                         f"--lr or --grad-clip")
         return time.perf_counter() - since
 
+    def finished(self) -> str | None:
+        """Why a (resumed) run has nothing left to do, or None."""
+        cfg = self.config
+        if self.step >= self.total_steps:
+            return f"step {self.step} of {self.total_steps}; raise --epochs or --max-steps to go on"
+        if cfg.MAX_MINUTES and self.elapsed >= cfg.MAX_MINUTES * 60:
+            return (f"{self.elapsed / 60:.1f} minutes trained of --max-minutes {cfg.MAX_MINUTES:g}; "
+                    f"raise --max-minutes to go on")
+        return None
+
     def _out_of_time(self, tick: float) -> bool:
         """MAX_MINUTES reached, counting this epoch's unflushed time too (no sync needed)."""
         limit = self.config.MAX_MINUTES * 60
@@ -375,6 +385,9 @@ class Trainer:
         self.evaluations = list(state.get("evaluations", []))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         self.elapsed = float(state.get("elapsed", 0.0))
-        self.generator.set_state(state["generator"].cpu())
+        try:
+            self.generator.set_state(state["generator"].cpu())
+        except RuntimeError:  # saved on another kind of device: a fresh stream, seeded
+            self.generator.manual_seed(self.config.SEED + 1 + self.step)
         restore_rng_state(state["rng"])
 
