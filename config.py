@@ -91,7 +91,7 @@ class Config:
     # --- sampling ---
     SAMPLER: Sampler = "dpm-solver"  # sampler for grids and evaluation
     SAMPLING_STEPS: int = 20  # network evaluations per sample (ddpm always uses TIMESTEPS)
-    ETA: float = 0.0  # DDIM noise: 0 = deterministic, 1 = ancestral
+    ETA: float = 0.0  # sampler noise: 0 = deterministic; 1 = ancestral (ddim), the SDE (dpm-solver)
     SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim
 
     def replace(self, **changes) -> "Config":

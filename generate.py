@@ -182,7 +182,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     spacing = overrides.get("SPACING", config.SPACING)
     sample_kwargs = dict(sampler=sampler, steps=steps, eta=eta, seed=args.seed,
                          precision=precision, spacing=spacing)
-    label = (f"{sampler}-{steps}" + (f"-eta{eta:g}" if sampler == "ddim" and eta else "")
+    label = (f"{sampler}-{steps}" + (f"-eta{eta:g}" if sampler != "ddpm" and eta else "")
              + (f"-{spacing}" if spacing != "auto" and sampler != "ddpm" else ""))
     print(f"checkpoint {args.checkpoint}: {config.MODEL_CHANNELS}-channel UNet, "
           f"{config.TIMESTEPS} timesteps ({config.SCHEDULE_TYPE}); sampling with {label} on "

@@ -147,7 +147,8 @@ def sample_ddim(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor, 
 def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
                       steps: int, prediction: str = "eps", clip_x0: bool = True,
                       callback: Callback | None = None, progress: bool = False,
-                      spacing: str = "logsnr") -> torch.Tensor:
+                      spacing: str = "logsnr", eta: float = 0.0,
+                      noise: StepNoise | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), from x = x_T.
 
     In lambda = log(alpha / sigma), with alpha = sqrt(abar), sigma = sqrt(1 - abar):
@@ -157,7 +158,15 @@ def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Te
     The last step, to the clean data (sigma = 0), is x = x0; with fewer than 15 steps the
     step before it is first order too ("lower_order_final", which the DPM-Solver authors
     found key to stability at few steps).
+
+    eta > 0 solves the reverse SDE instead (SDE-DPM-Solver++(2M), the paper's appendix;
+    eta = 1 is its SDE, eta between 0 and 1 a mix with the ODE as in k-diffusion):
+        x_i = (sigma_i / sigma_{i-1}) e^{-eta h} x_{i-1} + alpha_i (1 - e^{-(1 + eta) h}) D_i
+              + sigma_i sqrt(1 - e^{-2 eta h}) z.
+    Fresh noise corrects some of an imperfect network's errors, at the price of more steps.
     """
+    if eta > 0 and noise is None:
+        raise ValueError("DPM-Solver++ with eta > 0 needs a noise source")
     seq = timestep_sequence(scheduler.timesteps, steps, spacing, scheduler)
     b = x.shape[0]
     shape = (b,) + (1,) * (x.dim() - 1)
@@ -181,7 +190,12 @@ def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Te
             else:
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-            x = (sigma_next / sigma) * x - alpha_next * torch.expm1(-h) * d
+            if eta > 0:
+                x = ((sigma_next / sigma) * torch.exp(-eta * h) * x
+                     - alpha_next * torch.expm1(-(1 + eta) * h) * d
+                     + sigma_next * (-torch.expm1(-2 * eta * h)).sqrt() * noise(i))
+            else:
+                x = (sigma_next / sigma) * x - alpha_next * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
         if callback is not None:
             callback(i, t, x, x0)
@@ -225,5 +239,5 @@ def sample(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
                            callback, progress, spacing or "time")
     if sampler == "dpm-solver":
         return sample_dpm_solver(denoiser, scheduler, x, steps, prediction, clip_x0, callback,
-                                 progress, spacing or "logsnr")
+                                 progress, spacing or "logsnr", eta, noise)
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")

@@ -154,9 +154,26 @@ def test_ancestral_sampler_reaches_the_data_distribution_on_gaussian_data():
     assert out.std().item() == pytest.approx(S, rel=0.05)
 
 
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_sde_dpm_solver_reaches_the_data_distribution_on_gaussian_data(eta):
+    sched = NoiseScheduler(1000)
+    moments = {}
+    for steps in (5, 50):
+        noise = PerSampleNoise(0, range(2000), (1, 2, 2), "cpu")  # one stream per run
+        out = samplers.sample(gaussian_denoiser(sched), sched, noise.initial(), "dpm-solver", steps,
+                              eta=eta, noise=noise, clip_x0=False)
+        moments[steps] = (out.mean().item(), out.std().item())
+    assert moments[50][0] == pytest.approx(MU, abs=0.02)
+    assert moments[50][1] == pytest.approx(S, rel=0.03)
+    assert abs(moments[50][1] - S) < abs(moments[5][1] - S)  # converges as steps grow
+    with pytest.raises(ValueError, match="noise source"):
+        samplers.sample(gaussian_denoiser(sched), sched, out, "dpm-solver", 5, eta=1.0)
+
+
 def test_per_sample_seeds_do_not_depend_on_batch_size():
     model = tiny_model(timesteps=50)
-    for sampler, steps, eta in [("ddim", 10, 1.0), ("dpm-solver", 10, 0.0), ("ddpm", None, 0.0)]:
+    for sampler, steps, eta in [("ddim", 10, 1.0), ("dpm-solver", 10, 0.0), ("dpm-solver", 10, 1.0),
+                                ("ddpm", None, 0.0)]:
         whole = model.generate(6, batch_size=6, progress=False, sampler=sampler, steps=steps,
                                eta=eta, seed=3)
         pieces = model.generate(6, batch_size=4, progress=False, sampler=sampler, steps=steps,
