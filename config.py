@@ -174,7 +174,7 @@ PRESETS = {
     "cpu": dict(MODEL_CHANNELS=16, CHANNEL_MULT=(1, 2, 4), NUM_RES_BLOCKS=1, TIME_EMBED_DIM=64,
                 ATTENTION=False, DROPOUT=0.0, PREDICTION="v", BATCH_SIZE=32, LEARNING_RATE=4e-3,
                 LR_WARMUP_STEPS=200, EMA_DECAY=0.9995, DEVICE="cpu", EPOCHS=100, MAX_MINUTES=15.0,
-                SAVE_EVERY=1),
+                SAVE_EVERY=1, ETA=1.0),  # SDE sampling: FID 25 vs 34 (ODE) at 20 steps, README
 }
 
 # Flags whose name is not simply the field's name in kebab case.

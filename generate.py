@@ -196,7 +196,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
         images = model.generate(count, batch_size=args.batch_size, progress=progress,
                                 **sample_kwargs)
         seconds = time.perf_counter() - start
-        print(f"sampled {count} digits in {seconds:.1f} s ({count / seconds:.0f} images/s)")
+        print(f"sampled {count} digits in {seconds:.1f} s ({count / seconds:.3g} images/s)")
         shown = images[:min(count, 100)]
         written.append(save_images(shown, output, nrow=max(1, min(10, int(len(shown) ** 0.5)))))
         if args.save_npz:

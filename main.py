@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             run_benchmark(config, progress=not args.quiet)
             return 0
         if config.DEVICE == "cpu" and not args.preset and config.MODEL_CHANNELS >= 64:
-            print("note: the default model trains at ~25 images/s on a 2-core CPU (~40 minutes "
+            print("note: the default model trains at ~20 images/s on a 2-core CPU (~50 minutes "
                   "an epoch); --preset cpu trains a small model to digits in 15 minutes")
         trainer = Trainer(config, resume=state, progress=not args.quiet)
         finished = trainer.finished()
