@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         trainer = Trainer(config, resume=state, progress=not args.quiet)
         finished = trainer.finished()
         if finished:
-            print(f"nothing to do: the run in {args.resume} is finished ({finished})")
+            print(f"nothing to do: this run is finished ({finished})")
             return 0
         trainer.fit()
     except MNISTNotFoundError as error:
