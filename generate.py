@@ -141,6 +141,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     from utils.data_loader import to_uint8
     from utils.metrics import Evaluator, format_report, save_json
     from utils.visualization import save_images, show
+    from utils.trainer import resolve_precision
 
     progress = not args.quiet
     output = Path(args.output)
@@ -170,9 +171,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
                                                    ema=not args.raw_weights)
     sampler = overrides.get("SAMPLER", config.SAMPLER)
     eta = overrides.get("ETA", config.ETA)
-    precision = overrides.get("PRECISION", "fp32")
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") else "fp32"
+    precision = resolve_precision(overrides.get("PRECISION", "fp32"), device)
     steps = args.steps or (config.TIMESTEPS if sampler == "ddpm" else config.SAMPLING_STEPS)
     if steps > config.TIMESTEPS:
         raise ConfigError(f"--steps {steps} exceeds the checkpoint's {config.TIMESTEPS} timesteps")

@@ -35,10 +35,11 @@ class TrainingDiverged(Exception):
     """Too many non-finite losses or gradients in a row; nothing was saved after them."""
 
 
-def resolve_precision(config: Config) -> str:
-    if config.PRECISION == "auto":
-        return "bf16" if config.DEVICE.startswith("cuda") else "fp32"
-    return config.PRECISION
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' -> bf16 on CUDA, fp32 elsewhere; other values as they are."""
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return precision
 
 
 def config_for_resume(saved: Config, requested: dict) -> Config:
@@ -63,7 +64,7 @@ class Trainer:
         if config.THREADS:
             torch.set_num_threads(config.THREADS)
         seed_everything(config.SEED)
-        self.precision = resolve_precision(config)
+        self.precision = resolve_precision(config.PRECISION, config.DEVICE)
 
         self.model = DiffusionModel.from_config(config).to(self.device)
         if config.CHANNELS_LAST:
