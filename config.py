@@ -20,6 +20,7 @@ Prediction = Literal["eps", "v"]
 LossWeighting = Literal["none", "min-snr"]
 Sampler = Literal["ddpm", "ddim", "dpm-solver"]
 Precision = Literal["auto", "fp32", "bf16"]
+Preset = Literal["none", "cpu"]
 Spacing = Literal["auto", "time", "quadratic", "logsnr"]
 
 
@@ -78,8 +79,8 @@ class Config:
     MAX_BAD_STEPS: int = 10  # stop after this many non-finite losses or gradients in a row
 
     # --- outputs ---
-    CHECKPOINT_DIR: str = "./checkpoints"  # where checkpoints are written
-    OUTPUT_DIR: str = "./outputs"  # where sample grids, loss history and plots are written
+    CHECKPOINT_DIR: str = ""  # where checkpoints are written ('' = a new folder under runs/)
+    OUTPUT_DIR: str = ""  # where sample grids, loss history and plots go ('' = the checkpoint folder)
     SAVE_EVERY: int = 10  # write a checkpoint and a sample grid every this many epochs
     SAVE_EVERY_STEPS: int = 0  # also refresh latest.pt every this many steps (0 = off)
     KEEP: int = 3  # periodic checkpoints kept besides latest.pt
@@ -93,6 +94,27 @@ class Config:
     SAMPLING_STEPS: int = 20  # network evaluations per sample (ddpm always uses TIMESTEPS)
     ETA: float = 0.0  # sampler noise: 0 = deterministic; 1 = ancestral (ddim), the SDE (dpm-solver)
     SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim
+
+    # --- provenance ---
+    PRESET: Preset = "none"  # the preset this run started from (set by --preset; none = the defaults)
+
+    @classmethod
+    def from_preset(cls, preset: str = "auto", **overrides) -> "Config":
+        """A preset's settings with `overrides` (Config fields) on top; explicit values win.
+
+        'auto' is 'cpu' when the run's device (overrides' DEVICE, else the default) is the
+        CPU and 'none' (the defaults) otherwise. A step or epoch budget among the overrides
+        replaces the preset's time limit, unless MAX_MINUTES is given too.
+        """
+        device = overrides.get("DEVICE") or default_device()
+        name = ("cpu" if device == "cpu" else "none") if preset == "auto" else preset
+        if name not in PRESETS:
+            raise ConfigError(f"unknown --preset {preset!r}; expected one of auto, "
+                              f"{', '.join(PRESETS)}")
+        settings = dict(PRESETS[name])
+        if ("EPOCHS" in overrides or "MAX_STEPS" in overrides) and "MAX_MINUTES" not in overrides:
+            settings.pop("MAX_MINUTES", None)
+        return cls(**{**settings, **overrides, "PRESET": name})
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -165,10 +187,11 @@ class ConfigError(ValueError):
 RUN_CONTROL = {"EPOCHS", "MAX_STEPS", "MAX_MINUTES", "DEVICE", "LOADER", "NUM_WORKERS", "THREADS", "CHECKPOINT_DIR", "OUTPUT_DIR",
                "DATA_DIR", "DOWNLOAD", "SAVE_EVERY", "SAVE_EVERY_STEPS", "KEEP", "NUM_SAMPLES",
                "PRINT_EVERY", "EVAL_EVERY", "EVAL_SAMPLES", "SAMPLER", "SAMPLING_STEPS",
-               "ETA", "SPACING", "MAX_BAD_STEPS", "COMPILE"}
+               "ETA", "SPACING", "MAX_BAD_STEPS", "COMPILE", "PRESET"}
 
 # Named groups of settings for common machines; explicit flags still win.
 PRESETS = {
+    "none": {},  # the defaults above: the 3.3M-parameter model, for a GPU
     # A small model for a 2-core CPU: digits in 15 minutes (README, "Training on a CPU").
     # Each choice was measured against the alternatives there (runs of equal wall-clock time).
     "cpu": dict(MODEL_CHANNELS=16, CHANNEL_MULT=(1, 2, 4), NUM_RES_BLOCKS=1, TIME_EMBED_DIM=64,

@@ -1,12 +1,20 @@
 """Sample, evaluate and interpolate digits from a checkpoint (the model is rebuilt from it).
 
-    python generate.py --checkpoint checkpoints/latest.pt               # a grid of digits
+    python generate.py                                                  # the newest run in runs/
+    python generate.py --checkpoint runs/NAME/latest.pt                 # a grid of digits
     python generate.py --checkpoint ckpt.pt --save-npz outputs/samples.npz
     python generate.py --checkpoint ckpt.pt --evaluate                  # FID etc. on 10,000
     python generate.py --evaluate-npz samples.npz                       # any source's samples
     python generate.py --checkpoint ckpt.pt --interpolate --num-steps 10
     python generate.py --checkpoint ckpt.pt --interpolate-real 0 1      # between test digits
     python generate.py --checkpoint ckpt.pt --chain                     # the reverse process
+
+Pictures go to outputs/ under names that are never reused (samples.png, samples-2.png, ...)
+unless --output names the file. From Python (see README, "Use it from Python"):
+
+    from generate import load_model, generate_images, generate_interpolation
+    model = load_model("runs/NAME/latest.pt", "cpu")
+    images = generate_images(model, 16, "cpu", save_path="grid.png")
 """
 from __future__ import annotations
 
@@ -18,15 +26,17 @@ from config import (Config, ConfigError, OneLineArgumentParser, add_config_argum
                     check_device, check_writable, config_overrides)
 
 EVAL_DEFAULT_SAMPLES = 10_000
+DEFAULT_OUTPUT = Path("outputs") / "samples.png"
 
 
 def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog="generate.py",
                               description="Generate MNIST digits from a checkpoint (README.md).")
-    p.add_argument("--checkpoint", help="checkpoint written by main.py (e.g. checkpoints/latest.pt)")
-    p.add_argument("--output", default="outputs/samples.png",
-                   help="PNG path of the sample grid; other pictures go beside it "
-                        "(default: outputs/samples.png)")
+    p.add_argument("--checkpoint", help="checkpoint written by main.py (default: latest.pt of "
+                                        "the newest run in runs/)")
+    p.add_argument("--output", help="PNG path of the picture; with several pictures, the grid's, "
+                                    "the others beside it (default: outputs/samples.png, or "
+                                    "samples-2.png etc. if taken: nothing is overwritten)")
     p.add_argument("--num-samples", type=int, metavar="N",
                    help=f"digits to draw (default: 64; {EVAL_DEFAULT_SAMPLES} with --evaluate)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise; image i depends only "
@@ -81,8 +91,6 @@ def check_args(args, parser) -> None:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.ETA is not None and args.ETA < 0:
         parser.error(f"--eta must be >= 0, got {args.ETA}")
-    if not args.checkpoint and not args.evaluate_npz:
-        parser.error("--checkpoint is required (or --evaluate-npz to score a file of samples)")
     if args.output and Path(args.output).suffix.lower() != ".png":
         parser.error(f"--output must be a .png path, got {args.output}")
 
@@ -95,16 +103,25 @@ def main(argv=None) -> int:
     device = overrides.get("DEVICE", Config().DEVICE)
     out_dir = Path(overrides.get("OUTPUT_DIR", Config.OUTPUT_DIR))
     from utils.checkpoint import CheckpointError
-    from utils.data_loader import MNISTNotFoundError
+    from utils.data_loader import MNISTError
 
     try:
         check_device(device)
-        check_writable(Path(args.output).parent, "--output")
+        if not args.checkpoint and not args.evaluate_npz:
+            from utils.runs import newest_checkpoint
+
+            args.checkpoint = newest_checkpoint()
+            if args.checkpoint is None:
+                raise ConfigError("no checkpoint found in runs/: train one with python main.py, "
+                                  "or name one with --checkpoint")
+            print(f"newest run: {args.checkpoint}")
+        check_writable(Path(args.output).parent if args.output else DEFAULT_OUTPUT.parent,
+                       "--output")
         check_writable(out_dir, "--output-dir")
         return run(args, overrides, device, out_dir)
     except (ConfigError, CheckpointError, NpzError) as error:
         parser.exit(2, f"generate.py: error: {error}\n")
-    except MNISTNotFoundError as error:
+    except MNISTError as error:
         parser.exit(1, f"generate.py: error: {error}\n")
 
 
@@ -131,7 +148,124 @@ def load_npz(path):
     if samples.dtype != np.uint8 or samples.ndim != 3 or samples.shape[1:] != (28, 28):
         raise NpzError(f"--evaluate-npz {path}: 'samples' must be uint8 (N, 28, 28), got "
                        f"{samples.dtype} {samples.shape}")
+    if len(samples) == 0:
+        raise NpzError(f"--evaluate-npz {path} holds no samples (N = 0); evaluation needs "
+                       f"at least one")
     return torch.from_numpy(samples)
+
+
+# ----- the functions to call from Python -----
+def load_model(checkpoint_path, device=None, ema: bool = True):
+    """The DiffusionModel of a checkpoint, in eval mode on `device` (default: CUDA if
+    present), ready to sample; `model.config` is the Config it was trained with.
+    ema=False loads the raw weights instead of their average. Raises
+    utils.checkpoint.CheckpointError (one line) for a missing or bad file."""
+    from models.diffusion import DiffusionModel
+
+    device = device or Config().DEVICE
+    model, config = DiffusionModel.from_checkpoint(checkpoint_path, device, ema=ema)
+    model.config = config
+    return model
+
+
+def _sampling_settings(model, sampler, steps, eta) -> dict:
+    config = getattr(model, "config", None) or Config()
+    sampler = sampler or config.SAMPLER
+    if steps is None:
+        steps = model.timesteps if sampler == "ddpm" else min(config.SAMPLING_STEPS, model.timesteps)
+    return dict(sampler=sampler, steps=steps, eta=config.ETA if eta is None else eta,
+                spacing=config.SPACING)
+
+
+def generate_images(model, num_samples: int, device=None, save_path=None,
+                    show_images: bool = True, sampler: str | None = None,
+                    steps: int | None = None, eta: float | None = None, seed: int = 0,
+                    batch_size: int = 500, precision: str = "fp32", progress: bool = True):
+    """Draw `num_samples` digits: a (N, 1, 28, 28) tensor in [-1, 1], on the CPU.
+
+    Sampler, steps and eta default to the checkpoint's settings; image i depends only on
+    (seed, i). save_path writes a PNG grid; show_images draws the grid where a display
+    exists (a notebook, a desktop) and does nothing on a headless machine."""
+    from utils.visualization import display_available, plot_images, save_images
+
+    if device is not None:
+        model = model.to(device)
+    images = model.generate(num_samples, batch_size=batch_size, progress=progress, seed=seed,
+                            precision=precision,
+                            **_sampling_settings(model, sampler, steps, eta)).cpu()
+    nrow = max(1, min(10, int(num_samples ** 0.5)))
+    if save_path is not None:
+        save_images(images, save_path, nrow=nrow)
+    if show_images and display_available():
+        plot_images(images, f"{num_samples} samples", nrow=nrow, show=True)
+    return images
+
+
+def generate_interpolation(model, num_steps: int = 10, device=None, save_path=None,
+                           pairs: int = 1, seed: int = 0, steps: int | None = None,
+                           precision: str = "fp32", show_images: bool = False):
+    """Decode a spherical path between `pairs` pairs of noise vectors (deterministic DDIM):
+    a (pairs, num_steps, 1, 28, 28) tensor in [-1, 1], on the CPU; one row per pair in
+    the PNG at save_path."""
+    from models.interpolation import interpolation_path
+    from utils.seeding import PerSampleNoise
+    from utils.visualization import display_available, plot_images, save_images
+
+    if device is not None:
+        model = model.to(device)
+    steps = steps or _sampling_settings(model, "ddim", None, 0.0)["steps"]
+    noise = PerSampleNoise(seed, range(2 * pairs), model.image_shape,
+                           model.scheduler.betas.device).initial()
+    images = interpolation_path(model, noise[0::2], noise[1::2], num_steps, steps,
+                                precision).cpu()
+    if save_path is not None:
+        save_images(images.flatten(0, 1), save_path, nrow=num_steps)
+    if show_images and display_available():
+        plot_images(images.flatten(0, 1), "interpolation", nrow=num_steps, show=True)
+    return images
+
+
+# ----- the command line -----
+def picture_paths(args) -> dict[str, Path]:
+    """Where each requested picture goes. One picture asked for: --output is its path.
+    Several: --output is the grid's and the others take its name plus a suffix. No
+    --output: outputs/samples*.png, numbered so that no existing file is overwritten."""
+    special = args.interpolate or args.interpolate_real or args.chain or args.forward
+    kinds = [kind for kind, wanted in (
+        ("grid", not special or args.save_npz or args.evaluate),
+        ("interpolation", args.interpolate), ("interpolation_real", args.interpolate_real),
+        ("chain", args.chain), ("forward", args.forward)) if wanted]
+
+    def named(base: Path) -> dict[str, Path]:
+        if len(kinds) == 1 and args.output:
+            paths = {kinds[0]: base}
+        else:
+            suffix = {"grid": "", "interpolation": "_interpolation", "chain": "_chain",
+                      "forward": "_forward", "interpolation_real": "_interpolation_real_{}_{}"}
+            paths = {kind: base.with_name(base.stem + suffix[kind].format(
+                *(args.interpolate_real or ())) + ".png") for kind in kinds}
+        if "chain" in paths:
+            paths["chain_gif"] = paths["chain"].with_suffix(".gif")
+        return paths
+
+    if args.output:
+        return named(Path(args.output))
+    for k in range(1, 100_000):
+        base = DEFAULT_OUTPUT if k == 1 else DEFAULT_OUTPUT.with_name(f"samples-{k}.png")
+        paths = named(base)
+        if not any(p.exists() for p in paths.values()):
+            return paths
+    raise ConfigError(f"{DEFAULT_OUTPUT.parent} holds too many pictures; name one with --output")
+
+
+def unused(path: Path) -> Path:
+    """`path`, or path-2, path-3, ... if it exists (for files the user did not name)."""
+    k = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    return candidate
 
 
 def run(args, overrides: dict, device: str, out_dir: Path) -> int:
@@ -144,7 +278,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     from utils.trainer import resolve_precision
 
     progress = not args.quiet
-    output = Path(args.output)
+    paths = picture_paths(args)
     data_dir = overrides.get("DATA_DIR", Config.DATA_DIR)
     checkpoint_dir = overrides.get("CHECKPOINT_DIR", Config.CHECKPOINT_DIR)
     download = overrides.get("DOWNLOAD", Config.DOWNLOAD)
@@ -161,7 +295,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
         samples = load_npz(args.evaluate_npz)
         result = evaluator().evaluate(samples)
         result["source"] = str(args.evaluate_npz)
-        path = save_json(result, out_dir / f"eval_{Path(args.evaluate_npz).stem}.json")
+        path = save_json(result, unused(out_dir / f"eval_{Path(args.evaluate_npz).stem}.json"))
         print(format_report(result, f"{args.evaluate_npz}:"))
         print(f"metrics written to {path}")
         if not args.checkpoint:
@@ -186,10 +320,9 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     print(f"checkpoint {args.checkpoint}: {config.MODEL_CHANNELS}-channel UNet, "
           f"{config.TIMESTEPS} timesteps ({config.SCHEDULE_TYPE}); sampling with {label} on "
           f"{device} ({precision}){', raw weights' if args.raw_weights else ''}")
-    special = args.interpolate or args.interpolate_real or args.chain or args.forward
     written = []
 
-    if not special or args.save_npz or args.evaluate:
+    if "grid" in paths:
         count = args.num_samples or (EVAL_DEFAULT_SAMPLES if args.evaluate else 64)
         start = time.perf_counter()
         images = model.generate(count, batch_size=args.batch_size, progress=progress,
@@ -197,7 +330,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
         seconds = time.perf_counter() - start
         print(f"sampled {count} digits in {seconds:.1f} s ({count / seconds:.3g} images/s)")
         shown = images[:min(count, 100)]
-        written.append(save_images(shown, output, nrow=max(1, min(10, int(len(shown) ** 0.5)))))
+        written.append(save_images(shown, paths["grid"], nrow=max(1, min(10, int(len(shown) ** 0.5)))))
         if args.save_npz:
             import numpy as np
 
@@ -212,20 +345,20 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
                           raw_weights=args.raw_weights)
             name = (f"eval_{Path(args.checkpoint).stem}_{label}"
                     f"{'_raw' if args.raw_weights else ''}_n{count}.json")
-            written.append(save_json(result, out_dir / name))
+            written.append(save_json(result, unused(out_dir / name)))
             print(format_report(result, f"{args.checkpoint} ({label}):"))
 
     if args.interpolate or args.interpolate_real:
         written += interpolate(args, model, steps if sampler != "ddpm" else 50, precision,
-                               output, test_digits)
+                               paths, test_digits)
     if args.chain:
-        written += chain(args, model, sample_kwargs, output)
+        written += chain(args, model, sample_kwargs, paths["chain"], paths["chain_gif"])
     if args.forward:
         from utils.data_loader import normalize_images
         from utils.visualization import visualize_diffusion_process
 
         x0 = normalize_images(test_digits()[:8]).unsqueeze(1)
-        path = output.with_name(output.stem + "_forward.png")
+        path = paths["forward"]
         steps_shown = [min(round(f * config.TIMESTEPS), config.TIMESTEPS - 1) for f in
                        (0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)]
         visualize_diffusion_process(model, x0, steps_shown, save_path=path)
@@ -238,22 +371,18 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     return 0
 
 
-def interpolate(args, model, steps, precision, output, test_digits) -> list[Path]:
+def interpolate(args, model, steps, precision, paths, test_digits) -> list[Path]:
     """Slerp between noise vectors (--interpolate) and between inverted test digits."""
     import torch
 
     from models.interpolation import interpolation_path, invert
-    from utils.seeding import PerSampleNoise
     from utils.visualization import save_images
 
     written = []
     if args.interpolate:
-        noise = PerSampleNoise(args.seed, range(2 * args.pairs), model.image_shape,
-                               model.scheduler.betas.device).initial()
-        path_images = interpolation_path(model, noise[0::2], noise[1::2], args.num_steps, steps,
-                                         precision)
-        path = output.with_name(output.stem + "_interpolation.png")
-        written.append(save_images(path_images.flatten(0, 1), path, nrow=args.num_steps))
+        generate_interpolation(model, args.num_steps, save_path=paths["interpolation"],
+                               pairs=args.pairs, seed=args.seed, steps=steps, precision=precision)
+        written.append(paths["interpolation"])
     if args.interpolate_real:
         from utils.data_loader import normalize_images
 
@@ -269,15 +398,15 @@ def interpolate(args, model, steps, precision, output, test_digits) -> list[Path
         images = interpolation_path(model, latents[:1], latents[1:], args.num_steps,
                                     args.inversion_steps, precision, clip_x0=False)[0]
         strip = torch.cat([real[:1], images, real[1:]])
-        path = output.with_name(output.stem + f"_interpolation_real_{i}_{j}.png")
+        path = paths["interpolation_real"]
         written.append(save_images(strip, path, nrow=len(strip)))
         print(f"real digits {i} and {j} at both ends; reconstruction error of the inversion: "
               f"{(images[[0, -1]] - real).abs().mean().item():.4f} (mean |pixel| in [-1, 1])")
     return written
 
 
-def chain(args, model, sample_kwargs, output, columns: int = 11, gif_frames: int = 60
-          ) -> list[Path]:
+def chain(args, model, sample_kwargs, png_path, gif_path, columns: int = 11,
+          gif_frames: int = 60) -> list[Path]:
     """x_t along the reverse process for a few samples: a PNG grid and an animated GIF."""
     from utils.seeding import PerSampleNoise
     from utils.visualization import save_chain, save_gif
@@ -294,11 +423,11 @@ def chain(args, model, sample_kwargs, output, columns: int = 11, gif_frames: int
     pick = sorted({round(k * (len(frames) - 1) / (columns - 1)) for k in range(columns)})
     title = (f"reverse process, {sample_kwargs['sampler']} with {len(states)} steps: "
              f"x_T (noise) -> x_0")
-    png = save_chain([frames[k] for k in pick], output.with_name(output.stem + "_chain.png"),
+    png = save_chain([frames[k] for k in pick], png_path,
                      [labels[k] for k in pick], title)
     every = max(1, len(frames) // gif_frames)
     gif_list = frames[::every] + ([frames[-1]] if (len(frames) - 1) % every else [])
-    gif = save_gif(gif_list, output.with_name(output.stem + "_chain.gif"),
+    gif = save_gif(gif_list, gif_path,
                    nrow=min(count, 8))
     return [png, gif]
 

@@ -1,13 +1,11 @@
 """Shared fixtures. Everything runs on the CPU and never touches the network.
 
-MNIST comes from ./data/MNIST/raw (what .ci/run unpacks), or from ../shared/data/mnist,
-unpacked into a temporary folder, or from $MNIST_DATA_DIR.
+MNIST comes from the repo's own data/MNIST/raw (the shipped .gz files, unpacked and
+checked on first use), or from $MNIST_DATA_DIR.
 """
 from __future__ import annotations
 
-import gzip
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,32 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import Config  # noqa: E402
-from utils.data_loader import MNIST_FILES  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("TEST_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
 
 
-def _has_mnist(folder: Path) -> bool:
-    return all((folder / "MNIST" / "raw" / name).exists() for name in MNIST_FILES)
-
-
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    candidates = [Path(os.environ["MNIST_DATA_DIR"])] if "MNIST_DATA_DIR" in os.environ else []
-    candidates.append(ROOT / "data")
-    for folder in candidates:
-        if _has_mnist(folder):
-            return folder
-    shared = ROOT.parent / "shared" / "data" / "mnist"
-    if all((shared / f"{name}.gz").exists() for name in MNIST_FILES):
-        folder = tmp_path_factory.mktemp("data")
-        raw = folder / "MNIST" / "raw"
-        raw.mkdir(parents=True)
-        for name in MNIST_FILES:
-            with gzip.open(shared / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        return folder
-    pytest.skip("MNIST not found (see README: running offline)")
+def data_dir() -> Path:
+    from utils.data_loader import ensure_mnist
+
+    folder = Path(os.environ.get("MNIST_DATA_DIR", ROOT / "data"))
+    ensure_mnist(folder, download=False)  # unpacks the shipped .gz files, or fails loudly
+    return folder
 
 
 def tiny_config(tmp_path: Path, data_dir: Path, **changes) -> Config:

@@ -19,7 +19,7 @@ from utils import checkpoint as ckpt
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model-channels", "8", "--time-embed-dim", "16", "--num-res-blocks", "1",
         "--timesteps", "50", "--train-size", "64", "--batch-size", "16", "--sampling-steps", "5",
-        "--num-samples", "4", "--device", "cpu", "--no-download", "--quiet"]
+        "--num-samples", "4", "--device", "cpu", "--no-download", "--quiet", "--preset", "none"]
 
 
 def run(script, *args, timeout=240, **kwargs):
@@ -165,8 +165,6 @@ def test_generate_rejects_bad_sampling_requests(capsys, small_checkpoint, tmp_pa
     err = _expect_exit(capsys, generate.main, base + ["--interpolate-real", "0", "10000",
                                                        "--no-download", "--data-dir", str(data_dir)])
     assert "--interpolate-real 10000" in err
-    err = _expect_exit(capsys, generate.main, ["--output", str(tmp_path / "g.png")])
-    assert "--checkpoint is required" in err
 
 
 def test_missing_data_names_the_files_and_folder(capsys, tmp_path):
@@ -203,10 +201,13 @@ def _wait_for(condition, timeout=60.0):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tmp_path, data_dir, sig, code):
     proc = _start_training(tmp_path, data_dir, "--save-every", 1000)
-    assert proc.stdout.readline().startswith("training on cpu")
-    time.sleep(1.0)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    try:
+        assert any(line.startswith("training on cpu") for line in iter(proc.stdout.readline, ""))
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == code, err
     latest = tmp_path / "ck" / "latest.pt"
     assert f"resume with: python main.py --resume {latest}" in err

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe loads, and clear errors for bad files.
+"""Checkpoints: atomic writes, safe loads, and clear errors for bad files and failed writes.
 
 A checkpoint is a dict of tensors and plain values only, so it loads with
 `torch.load(path, weights_only=True)`, which refuses pickled code. It carries the
@@ -6,9 +6,11 @@ run's full Config as plain values, so the model can be rebuilt from it alone.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,6 +25,29 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, unsafe or of the wrong kind."""
 
 
+class SaveError(OSError):
+    """A file could not be written (disk full, I/O error); the target is untouched and
+    no temporary file is left. The message is one line: what, where and why."""
+
+
+def write_failure(error: BaseException, folder) -> str:
+    """Why a write failed, in a few words: 'no space left on device' and the like.
+
+    torch.save reports a failed write as a RuntimeError without the errno; a nearly
+    full file system is then named from its free space."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return (os.strerror(error.errno) if error.errno != errno.ENOSPC
+                else "no space left on device").lower()
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 << 20:
+        return f"no space left on device ({free >> 20} MB free)"
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return first[:160]
+
+
 def save_checkpoint(state: dict, path) -> Path:
     """Write a training checkpoint (marked with this project's format) atomically."""
     return atomic_save({"format": FORMAT, "version": VERSION, **state}, path)
@@ -32,17 +57,21 @@ def atomic_save(obj, path) -> Path:
     """torch.save `obj` to `path` so that a crash at any moment leaves either the old file
     or the new one: temporary file in the same folder, flush, fsync, rename, fsync folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        raise SaveError(f"could not save {path}: {write_failure(error, path.parent)}") from error
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     try:
         fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -1,13 +1,17 @@
 """MNIST, offline-first: a torchvision DataLoader, and a faster in-memory batcher.
 
-torchvision finds the four IDX files in DATA_DIR/MNIST/raw and then touches no
-network. Gzipped copies (*.gz) there are unpacked on first use. With neither the
-files nor a network, `MNISTNotFoundError` says which files to put where.
+The four gzipped IDX files ship with the repo in data/MNIST/raw (MNIST by Yann LeCun,
+Corinna Cortes and Christopher J.C. Burges, CC BY-SA 3.0). On first use each .gz is
+checked against its published SHA-256 and unpacked beside itself (atomically), where
+torchvision finds it and touches no network. A corrupt, truncated or foreign file is
+`MNISTDataError`, one line naming the file and what to do; with neither the files nor
+a network, `MNISTNotFoundError` says which files to put where.
 """
 from __future__ import annotations
 
 import gzip
-import shutil
+import hashlib
+import os
 import socket
 from pathlib import Path
 
@@ -15,22 +19,88 @@ import torch
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# SHA-256 of the published .gz files (data/MNIST/raw/SHA256SUMS lists the same).
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "6a66d24619f2f5633797ce4489282550aba52f3cbf59f1cec68071891b89629f",
+    "train-labels-idx1-ubyte.gz": "ad50e16eb3891898af0c17b35330f2fbbb58a13ed40cd84e07748b00b40978fd",
+    "t10k-images-idx3-ubyte.gz": "7ef01df1b8076800fbef9d8ffce81dcb88b0e74a03d0f4d383efdbf9c7aca9de",
+    "t10k-labels-idx1-ubyte.gz": "b01a3a89ac78ea4f9e51ac67fc406ed1ffad9c25d47fd3e0abec28338606c207",
+}
+# Size and first 8 bytes (IDX magic number and item count) of each unpacked file.
+MNIST_LAYOUT = {
+    "train-images-idx3-ubyte": (47_040_016, bytes.fromhex("00000803 0000ea60")),
+    "train-labels-idx1-ubyte": (60_008, bytes.fromhex("00000801 0000ea60")),
+    "t10k-images-idx3-ubyte": (7_840_016, bytes.fromhex("00000803 00002710")),
+    "t10k-labels-idx1-ubyte": (10_008, bytes.fromhex("00000801 00002710")),
+}
+FIX = "restore it with `git checkout -- data/MNIST/raw` or copy the original file there"
 
 
-class MNISTNotFoundError(RuntimeError):
+class MNISTError(RuntimeError):
+    """MNIST cannot be read; the message is one line naming the file and what to do."""
+
+
+class MNISTNotFoundError(MNISTError):
     """The MNIST files are not on disk and could not be downloaded."""
+
+
+class MNISTDataError(MNISTError):
+    """An MNIST file is there but corrupt, truncated or not the published file."""
 
 
 def raw_folder(data_dir) -> Path:
     return Path(data_dir) / "MNIST" / "raw"
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_unpacked(path: Path) -> None:
+    """Size and IDX header of an unpacked file (cheap: no hashing of 47 MB on every run)."""
+    size, header = MNIST_LAYOUT[path.name]
+    actual = path.stat().st_size
+    with open(path, "rb") as f:
+        start = f.read(8)
+    if actual != size or start != header:
+        what = (f"{actual:,} bytes instead of {size:,} (truncated?)" if actual != size
+                else "its header is not MNIST's")
+        raise MNISTDataError(f"MNIST file {path} is damaged: {what}; delete it so that it is "
+                             f"unpacked again from its .gz, or {FIX}")
+
+
+def _unpack(packed: Path, target: Path) -> None:
+    """Verify `packed` against its published SHA-256, then gunzip it to `target` atomically."""
+    expected = MNIST_SHA256[packed.name]
+    if _sha256(packed) != expected:
+        raise MNISTDataError(f"MNIST file {packed} does not match its published SHA-256 "
+                             f"(corrupt, truncated or a different file); {FIX}")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+        os.replace(tmp, target)
+    except (OSError, EOFError) as error:
+        raise MNISTDataError(f"could not unpack {packed} to {target} "
+                             f"({getattr(error, 'strerror', None) or error})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _missing(raw: Path) -> list[str]:
-    for name in MNIST_FILES:  # unpack gzipped copies placed beside the expected names
+    """Unpack (verified) .gz copies where the plain file is absent; check every file
+    present; return the names still missing."""
+    for name in MNIST_FILES:
         packed = raw / (name + ".gz")
         if not (raw / name).exists() and packed.exists():
-            with gzip.open(packed, "rb") as src, open(raw / name, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            _unpack(packed, raw / name)
+        if (raw / name).exists():
+            _check_unpacked(raw / name)
     return [name for name in MNIST_FILES if not (raw / name).exists()]
 
 

@@ -3,8 +3,11 @@
 `Trainer(config).fit()` trains on the in-memory batcher (the whole training set on
 the device, one seeded permutation per epoch) and writes, under OUTPUT_DIR, the
 sample grids, the loss history and plots, and, under CHECKPOINT_DIR, latest.pt and
-the last KEEP periodic checkpoints. Everything random is drawn from generators whose
-states the checkpoint keeps, so a resumed run continues exactly where it stopped.
+the last KEEP periodic checkpoints (empty folders mean a new run folder under runs/,
+see utils/runs.py). Everything random is drawn from generators whose states the
+checkpoint keeps, so a resumed run continues exactly where it stopped. A checkpoint
+that cannot be written (disk full) stops the run with `ckpt.SaveError`, the previous
+one intact; a picture or history file that cannot be written is reported and skipped.
 """
 from __future__ import annotations
 
@@ -57,6 +60,10 @@ def config_for_resume(saved: Config, requested: dict) -> Config:
 class Trainer:
     def __init__(self, config: Config, resume: dict | None = None, log=print,
                  progress: bool = True, evaluator=None):
+        if not (config.CHECKPOINT_DIR and config.OUTPUT_DIR):
+            from utils.runs import with_run_folders
+
+            config = with_run_folders(config)
         self.config = config
         self.log = log
         self.progress = progress
@@ -152,6 +159,28 @@ class Trainer:
             torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_decay_at(self.step))
         return loss.detach(), bad
 
+    def estimate_step_seconds(self, repeats: int = 2) -> float:
+        """Seconds per optimizer step on this machine, from timing forward and backward on
+        a blank batch (on a CPU a smaller one, scaled). Weights, generators and random
+        states are left exactly as they were."""
+        cfg = self.config
+        batch = cfg.BATCH_SIZE if self.device.type == "cuda" else min(cfg.BATCH_SIZE, 16)
+        x0 = torch.zeros(batch, *self.model.image_shape, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        times = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                    enabled=self.precision == "bf16"):
+                    loss = self.model.compute_loss(x0, generator=generator)
+                loss.backward()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - start)
+        self.optimizer.zero_grad(set_to_none=True)
+        return min(times[1:]) * cfg.BATCH_SIZE / batch
+
     # ----- the loop -----
     def fit(self) -> dict:
         """Train until EPOCHS or MAX_STEPS; returns a summary. Raises TrainingInterrupted
@@ -163,7 +192,7 @@ class Trainer:
         ckpt.remove_stale_temporaries(self.checkpoint_dir)
         from utils.metrics import save_json
 
-        save_json(cfg.to_dict(), out_dir / "config.json")
+        self._write_or_warn("config.json", save_json, cfg.to_dict(), out_dir / "config.json")
         n_params = sum(p.numel() for p in self.params)
         self.log(f"training on {self.device} ({self.precision}): {n_params / 1e6:.2f}M parameters, "
                  f"{self.steps_per_epoch} steps of {cfg.BATCH_SIZE} per epoch, "
@@ -271,8 +300,9 @@ class Trainer:
             self.save(self.checkpoint_dir / ckpt.periodic_name(self.epoch),
                       self.checkpoint_dir / ckpt.LATEST)
             ckpt.prune_periodic(self.checkpoint_dir, cfg.KEEP)
-            self.save_samples(Path(cfg.OUTPUT_DIR) / f"samples_epoch_{self.epoch:04d}.png")
-            self.write_history()
+            self._write_or_warn("the sample grid", self.save_samples,
+                                Path(cfg.OUTPUT_DIR) / f"samples_epoch_{self.epoch:04d}.png")
+            self._write_or_warn("the loss history", self.write_history)
 
     def finish(self) -> dict:
         cfg = self.config
@@ -280,8 +310,9 @@ class Trainer:
             self.evaluate()  # the run stopped between evaluations (max steps or minutes)
             self._latest_step = None  # so that latest.pt records this evaluation too
         latest = self.save(self.checkpoint_dir / ckpt.LATEST)
-        grid = self.save_samples(Path(cfg.OUTPUT_DIR) / "samples_final.png")
-        self.write_history()
+        grid = self._write_or_warn("the sample grid", self.save_samples,
+                                   Path(cfg.OUTPUT_DIR) / "samples_final.png")
+        self._write_or_warn("the loss history", self.write_history)
         summary = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
                    "train_seconds": self.elapsed, "final_loss": self._recent_loss(),
                    "checkpoint": str(latest), "samples": str(grid)}
@@ -290,6 +321,17 @@ class Trainer:
                  f"  checkpoint: {latest}\n  samples:    {grid}\n"
                  f"  loss curve: {Path(cfg.OUTPUT_DIR) / 'loss.png'}")
         return summary
+
+    def _write_or_warn(self, what: str, write, *args):
+        """Run `write(*args)`; a failed write (disk full, I/O error) is reported in one line
+        and training goes on: a picture must not kill a run whose checkpoint can be saved."""
+        try:
+            return write(*args)
+        except OSError as error:
+            where = next((a for a in args if isinstance(a, Path)), Path(self.config.OUTPUT_DIR))
+            self.log(f"warning: could not write {what} to {where}: "
+                     f"{ckpt.write_failure(error, Path(self.config.OUTPUT_DIR))}; training goes on")
+            return None
 
     def save_samples(self, path: Path) -> Path:
         from utils.visualization import save_images
@@ -367,10 +409,25 @@ class Trainer:
             if path.name == ckpt.LATEST and self._latest_step == self.step:
                 continue
             state = state or self.state_dict()
-            ckpt.save_checkpoint(state, path)
+            try:
+                ckpt.save_checkpoint(state, path)
+            except ckpt.SaveError as error:
+                raise ckpt.SaveError(f"{error}; {self._previous_checkpoint()}") from None
             if path.name == ckpt.LATEST:
                 self._latest_step = self.step
         return paths[-1]
+
+    def _previous_checkpoint(self) -> str:
+        """What is left on disk after a failed save, and how to go on from it."""
+        latest = ckpt.find_latest(self.checkpoint_dir)
+        try:
+            step = ckpt.load_checkpoint(latest)["step"] if latest else None
+        except ckpt.CheckpointError:
+            step = None
+        if step is None:
+            return "no checkpoint of this run was saved before; free space and start again"
+        return (f"the previous checkpoint at step {step} is intact; free space and resume "
+                f"with: python main.py --resume {latest}")
 
     def load_state(self, state: dict):
         try:

@@ -68,6 +68,13 @@ def plot_images(images: torch.Tensor, title: str = "", nrow: int = 8, normalize:
     return picture
 
 
+def display_available() -> bool:
+    """True when matplotlib can show a figure to someone: a notebook's inline backend or a
+    GUI backend; False for the off-screen ones (Agg, set above on a headless run)."""
+    backend = matplotlib.get_backend().lower()
+    return backend not in {"agg", "pdf", "ps", "svg", "cairo", "pgf", "template"}
+
+
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     if len(values) < window or window < 2:
         return values

@@ -1,0 +1,210 @@
+"""A fresh clone works offline: the shipped MNIST, the quick start, the auto preset,
+checked data files, and the functions the design names, called from Python."""
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+from config import PRESETS, Config
+from utils import data_loader
+from utils.data_loader import MNIST_FILES, MNISTDataError, ensure_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "data" / "MNIST" / "raw"
+
+NO_NETWORK = '''
+import socket
+def _refuse(*args, **kwargs):
+    raise OSError("network disabled by the test")
+socket.socket.connect = _refuse
+socket.create_connection = _refuse
+'''
+
+
+def test_the_repo_ships_the_four_published_files():
+    for name in MNIST_FILES:
+        packed = SHIPPED / f"{name}.gz"
+        assert packed.is_file(), packed
+        assert data_loader._sha256(packed) == data_loader.MNIST_SHA256[packed.name]
+    listed = (SHIPPED / "SHA256SUMS").read_text().split()
+    assert dict(zip(listed[1::2], listed[0::2])) == data_loader.MNIST_SHA256
+
+
+def _fresh_clone(tmp_path: Path) -> Path:
+    """The working tree as git would check it out: tracked and new files, no generated ones."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    clone = tmp_path / "clone"
+    for name in files:
+        source = ROOT / name
+        if source.is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, clone / name)
+    return clone
+
+
+def test_quick_start_on_a_fresh_clone_without_network(tmp_path):
+    clone = _fresh_clone(tmp_path)
+    raw = clone / "data" / "MNIST" / "raw"
+    assert sorted(p.name for p in raw.glob("*-ubyte")) == []  # only the .gz are shipped
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NO_NETWORK)
+    env = {**os.environ, "PYTHONPATH": str(guard), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *map(str, args)], cwd=clone, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    probe = run("-c", "import socket; socket.create_connection(('example.org', 80))")
+    assert probe.returncode != 0 and "network disabled" in probe.stderr
+
+    # the README's quick start, on a tiny budget
+    trained = run("main.py", "--max-steps", 25, "--train-size", 512, "--quiet")
+    assert trained.returncode == 0, trained.stderr
+    assert "using --preset cpu" in trained.stdout and "plan:" in trained.stdout
+    assert sorted(p.name for p in raw.glob("*-ubyte")) == sorted(MNIST_FILES)
+    (run_dir,) = (clone / "runs").iterdir()
+    assert (run_dir / "latest.pt").is_file() and (run_dir / "samples_final.png").is_file()
+
+    drawn = run("generate.py", "--num-samples", 9, "--quiet")
+    assert drawn.returncode == 0, drawn.stderr
+    assert f"newest run: {Path('runs') / run_dir.name / 'latest.pt'}" in drawn.stdout
+    grid = np.asarray(Image.open(clone / "outputs" / "samples.png"))
+    assert grid.shape == (2 * (3 * 30 + 2),) * 2 and grid.std() > 10  # a 3x3 grid, not blank
+
+
+def _data_copy(tmp_path: Path) -> Path:
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        shutil.copy(SHIPPED / f"{name}.gz", raw)
+    return tmp_path / "data"
+
+
+def _expect_one_line(capsys, argv, code):
+    result = main.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert result == code, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "foreign"])
+def test_damaged_gz_files_give_one_line_and_exit_1(capsys, tmp_path, damage):
+    data = _data_copy(tmp_path)
+    packed = data / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
+    content = packed.read_bytes()
+    if damage == "truncated":
+        packed.write_bytes(content[: len(content) // 2])
+    elif damage == "corrupt":
+        packed.write_bytes(content[:1000] + bytes([content[1000] ^ 0xFF]) + content[1001:])
+    else:
+        packed.write_bytes(gzip.compress(os.urandom(60_008)))
+    err = _expect_one_line(capsys, ["--data-dir", str(data), "--max-steps", "1", "--quiet",
+                                    "--output-dir", str(tmp_path / "o")], code=1)
+    assert str(packed) in err and "SHA-256" in err and "git checkout" in err
+    assert not (data / "MNIST" / "raw" / "train-labels-idx1-ubyte").exists()
+
+
+def test_a_truncated_unpacked_file_is_caught_before_training(capsys, tmp_path):
+    data = _data_copy(tmp_path)
+    ensure_mnist(data, download=False)
+    unpacked = data / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    unpacked.write_bytes(unpacked.read_bytes()[:5000])
+    with pytest.raises(MNISTDataError, match="truncated"):
+        ensure_mnist(data, download=False)
+    err = _expect_one_line(capsys, ["--data-dir", str(data), "--max-steps", "1", "--quiet",
+                                    "--output-dir", str(tmp_path / "o")], code=1)
+    assert str(unpacked) in err and "delete it" in err
+
+
+def test_auto_preset_follows_the_device_and_explicit_flags_win():
+    on_cpu = Config.from_preset("auto", DEVICE="cpu")
+    assert on_cpu.PRESET == "cpu" and on_cpu.MODEL_CHANNELS == PRESETS["cpu"]["MODEL_CHANNELS"]
+    assert on_cpu.MAX_MINUTES == 15
+    assert Config.from_preset("auto", DEVICE="cuda").PRESET == "none"
+    assert Config.from_preset("auto", DEVICE="cuda").MODEL_CHANNELS == 64
+    wider = Config.from_preset("auto", DEVICE="cpu", MODEL_CHANNELS=32)
+    assert wider.MODEL_CHANNELS == 32 and wider.PREDICTION == "v"
+    # an explicit budget replaces the preset's 15 minutes, unless minutes are given too
+    assert Config.from_preset("cpu", EPOCHS=50).MAX_MINUTES == 0
+    assert Config.from_preset("cpu", MAX_STEPS=10).MAX_MINUTES == 0
+    assert Config.from_preset("cpu", EPOCHS=50, MAX_MINUTES=5).MAX_MINUTES == 5
+    assert Config.from_preset("none", DEVICE="cpu").MODEL_CHANNELS == 64
+
+
+def test_epochs_on_a_cpu_say_what_they_will_cost_and_record_the_preset(capsys, tmp_path,
+                                                                      data_dir):
+    code = main.main(["--epochs", "50", "--max-steps", "3", "--train-size", "256", "--quiet",
+                      "--data-dir", str(data_dir), "--checkpoint-dir", str(tmp_path / "ck")]
+                     + (["--device", "cpu"] if torch.cuda.is_available() else []))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "using --preset cpu" in out
+    plan = next(line for line in out.splitlines() if line.startswith("plan:"))
+    assert "3 steps" in plan and "on this machine" in plan
+    from utils.checkpoint import load_checkpoint
+
+    saved = Config.from_dict(load_checkpoint(tmp_path / "ck" / "latest.pt")["config"])
+    assert saved.PRESET == "cpu" and saved.EPOCHS == 50 and saved.MAX_MINUTES == 0
+
+
+def test_the_designs_functions_work_from_python(tmp_path, tiny):
+    from generate import generate_images, generate_interpolation, load_model
+    from main import train_model
+    from models.diffusion import DiffusionModel
+
+    config = tiny(MAX_STEPS=4)
+    model, losses = train_model(config, progress=False, log=lambda *a: None)
+    assert isinstance(model, DiffusionModel) and not model.training
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    latest = Path(config.CHECKPOINT_DIR) / "latest.pt"
+
+    loaded = load_model(latest, "cpu")
+    assert loaded.config.MODEL_CHANNELS == 8
+    for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)  # train_model returns the EMA weights, as saved
+
+    grid = tmp_path / "grid.png"
+    images = generate_images(loaded, 6, "cpu", save_path=grid, show_images=True,
+                             progress=False, seed=3)
+    assert images.shape == (6, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
+    assert grid.is_file()
+    again = generate_images(loaded, 2, "cpu", show_images=False, progress=False, seed=3)
+    assert torch.equal(again, images[:2])  # image i depends only on (seed, i)
+
+    strip = tmp_path / "interp.png"
+    path = generate_interpolation(loaded, 5, "cpu", save_path=strip, pairs=2)
+    assert path.shape == (2, 5, 1, 28, 28) and strip.is_file()
+    assert not torch.equal(path[0, 0], path[0, -1])
+
+
+def test_train_model_without_a_config_takes_the_auto_preset(monkeypatch):
+    from main import train_model
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_trainer(config, **kwargs):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr("utils.trainer.Trainer", fake_trainer)
+    monkeypatch.setattr("utils.runs.with_run_folders",
+                        lambda c, name="": c.replace(CHECKPOINT_DIR="unused", OUTPUT_DIR="unused"))
+    monkeypatch.setattr("utils.runs.RunLock.acquire", lambda self: self)
+    with pytest.raises(Stop):
+        train_model()
+    assert seen["config"] == Config.from_preset("auto").replace(CHECKPOINT_DIR="unused",
+                                                                OUTPUT_DIR="unused")
