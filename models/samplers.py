@@ -94,8 +94,8 @@ def ddim_step(scheduler: NoiseScheduler, xt: torch.Tensor, t: int, t_prev: int,
     eta = 1 over every timestep is the ancestral DDPM sampler, eta = 0 is deterministic.
     """
     b = xt.shape[0]
-    abar = scheduler.alpha_bar(torch.full((b,), t, dtype=torch.long))
-    abar_prev = scheduler.alpha_bar(torch.full((b,), t_prev, dtype=torch.long))
+    abar = scheduler.alpha_bar(torch.full((b,), t, dtype=torch.long, device=xt.device))
+    abar_prev = scheduler.alpha_bar(torch.full((b,), t_prev, dtype=torch.long, device=xt.device))
     shape = (b,) + (1,) * (xt.dim() - 1)
     abar_prev = abar_prev.reshape(shape)
     abar = abar.reshape(shape)
@@ -172,7 +172,8 @@ def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Te
     shape = (b,) + (1,) * (x.dim() - 1)
 
     def alpha_sigma_lambda(t: int):
-        abar = scheduler.alpha_bar(torch.full((b,), t, dtype=torch.long)).reshape(shape)
+        tt = torch.full((b,), t, dtype=torch.long, device=x.device)
+        abar = scheduler.alpha_bar(tt).reshape(shape)
         alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
         return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 

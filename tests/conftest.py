@@ -51,9 +51,7 @@ def tiny(tmp_path, data_dir):
 
 @pytest.fixture(scope="session")
 def quick_evaluator(tmp_path_factory, data_dir):
-    """An Evaluator whose classifier is trained for seconds (6,000 digits, one epoch)."""
+    """An Evaluator with the shipped classifier (loaded, not trained: seconds)."""
     from utils.metrics import Evaluator
 
-    folder = tmp_path_factory.mktemp("classifier")
-    return Evaluator(data_dir, folder, "cpu", classifier_train_size=6000, classifier_epochs=1,
-                     progress=False, log=lambda *a: None)
+    return Evaluator(data_dir, device="cpu", progress=False, log=lambda *a: None)

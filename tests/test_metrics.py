@@ -1,18 +1,16 @@
-"""The evaluation metric: FID against closed forms, and rankings that must hold.
-
-The classifier here is trained briefly on a subset (seconds, not minutes); the
-rankings must hold even for it.
-"""
+"""The evaluation metric: FID against closed forms, rankings that must hold, and the
+shipped classifier (its hash, its accuracy, a clear error when its file changes)."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.metrics import (Evaluator, class_coverage, feature_statistics, format_report,
-                           frechet_distance, nearest_neighbour_distance)
+from utils.metrics import (Evaluator, calibration, class_coverage, feature_statistics,
+                           format_report, frechet_distance, nearest_neighbour_distance)
 
 
 def test_frechet_distance_of_1d_gaussians_matches_closed_form():
@@ -74,18 +72,8 @@ def evaluator(quick_evaluator):
     return quick_evaluator
 
 
-def _blur(images: torch.Tensor) -> torch.Tensor:
-    x = images.float().unsqueeze(1)
-    kernel = torch.ones(1, 1, 5, 5) / 25
-    return F.conv2d(x, kernel, padding=2).round().clamp(0, 255).to(torch.uint8)[:, 0]
-
-
 def test_metric_ranks_real_over_blurred_over_noise(evaluator):
-    n = 1000
-    real = evaluator.train_images[-n:]
-    noise = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    scores = {name: evaluator.evaluate(images, floor=False, memorisation=False)
-              for name, images in [("real", real), ("blurred", _blur(real)), ("noise", noise)]}
+    scores = calibration(evaluator, 1000)  # what README's calibration table reports at 10,000
     fid = {k: v["fid"] for k, v in scores.items()}
     assert fid["real"] * 5 < fid["blurred"] and fid["blurred"] * 2 < fid["noise"], fid
     assert scores["real"]["confident_fraction"] > scores["blurred"]["confident_fraction"]
@@ -127,16 +115,8 @@ def test_evaluate_npz_from_the_command_line(tmp_path, data_dir, evaluator, capsy
 
     path = tmp_path / "digits.npz"
     np.savez(path, samples=evaluator.train_images[:200].numpy())
-    # let the script find the fixture's quick classifier under the default cache name
-    from pathlib import Path
-
-    from utils.classifier import classifier_path
-
-    cache = tmp_path / "ck"
-    cache.mkdir()
-    (cache / classifier_path(cache).name).symlink_to(Path(evaluator.classifier_info["path"]))
     assert generate.main(["--evaluate-npz", str(path), "--data-dir", str(data_dir), "--no-download",
-                          "--checkpoint-dir", str(cache), "--output-dir", str(tmp_path / "out"),
+                          "--output-dir", str(tmp_path / "out"),
                           "--device", "cpu", "--quiet", "--output", str(tmp_path / "g.png")]) == 0
     out = capsys.readouterr().out
     assert "FID" in out and (tmp_path / "out" / "eval_digits.json").is_file()
@@ -167,3 +147,55 @@ def test_evaluation_during_training_is_logged_and_plotted(tiny, quick_evaluator)
     # the same noise every time: evaluating the same weights again gives the same FID
     again = trainer.evaluate()
     assert again["fid"] == pytest.approx(trainer.evaluations[-1]["fid"], rel=1e-6)
+
+
+def test_shipped_classifier_has_its_recorded_hash_and_accuracy(evaluator, data_dir):
+    from utils.classifier import MIN_ACCURACY, WEIGHTS, WEIGHTS_SHA256, accuracy, sha256_of
+    from utils.data_loader import load_mnist
+
+    info = evaluator.classifier_info
+    assert info["sha256"] == WEIGHTS_SHA256 == sha256_of(WEIGHTS)
+    assert info["train_size"] == 60000 and info["seed"] == 0
+    assert WEIGHTS.stat().st_size < 4 * 2 ** 20  # small enough to keep in git
+    images, labels = load_mnist(data_dir, train=False)
+    measured = accuracy(evaluator.classifier, images, labels)
+    assert measured >= MIN_ACCURACY
+    assert measured == pytest.approx(info["test_accuracy"], abs=2e-4)  # at most 2 digits differ
+
+
+def test_a_changed_or_missing_weights_file_is_one_clear_error(tmp_path):
+    from utils.classifier import WEIGHTS, ClassifierError, load_classifier
+
+    changed = tmp_path / "mnist_classifier.pt"
+    data = bytearray(WEIGHTS.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit in the middle of the weights
+    changed.write_bytes(bytes(data))
+    with pytest.raises(ClassifierError, match=r"SHA-256 .* not the recorded .*--retrain") as info:
+        load_classifier(path=changed)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ClassifierError, match="missing.*--retrain"):
+        load_classifier(path=tmp_path / "absent.pt")
+
+
+def test_classifier_training_is_deterministic_and_quick_ones_are_cached(data_dir, tmp_path):
+    """What makes `--retrain` reproduce the shipped file: the same seed gives the same
+    weights, bit for bit (here on a small subset, one epoch)."""
+    from utils.classifier import load_or_train_classifier, train_classifier
+    from utils.data_loader import load_mnist
+
+    images, labels = load_mnist(data_dir, train=True)
+    images, labels = images[:512], labels[:512]
+    a = train_classifier(images, labels, epochs=1, seed=3, progress=False).state_dict()
+    b = train_classifier(images, labels, epochs=1, seed=3, progress=False).state_dict()
+    c = train_classifier(images, labels, epochs=1, seed=4, progress=False).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    first, info = load_or_train_classifier(data_dir, tmp_path, train_size=512, epochs=1,
+                                           progress=False, log=lambda *m: None)
+    again, _ = load_or_train_classifier(data_dir, tmp_path, train_size=512, epochs=1,
+                                        progress=False, log=lambda *m: None)
+    assert info["train_size"] == 512 and Path(info["path"]).parent == tmp_path
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    assert torch.equal(first(x), again(x))
+    evaluator = Evaluator(data_dir, device="cpu", progress=False, classifier=(first, info))
+    assert evaluator.classifier_info["train_size"] == 512

@@ -2,10 +2,14 @@
 
 Measures, for the model and settings the flags describe: training images/s after
 warm-up (the real training step: in-memory batches, autocast, fused AdamW, EMA),
-sampling images/s with the configured sampler, peak memory, the FLOPs of one
-training step per image (counted by torch's FlopCounterMode) and the FLOP/s they
-imply, as a fraction of the card's dense bf16 peak where the card is known.
+sampling images/s with the configured sampler (end to end, per-image noise included,
+after a warm-up at the timed batch size), the peak memory of training and of
+sampling (each on its own), the FLOPs of one training step per image (counted by
+torch's FlopCounterMode) and the FLOP/s they imply, as a fraction of the card's
+dense bf16 peak where the card is known.
 A benchmark, not a test: numbers depend on the machine and on what else runs.
+`benchmark_training` and `benchmark_sampling` are the two halves, for scripts
+(scripts/gpu_report.py) that need one without the other.
 """
 from __future__ import annotations
 
@@ -35,6 +39,30 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def _reset_peak(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: torch.device) -> float:
+    """CUDA: the most allocated since the last _reset_peak. CPU: the process's max RSS,
+    which cannot be reset (so it includes everything before)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
+
+
+def peak_memory_kind(device: torch.device) -> str:
+    return ("cuda max_memory_allocated" if device.type == "cuda"
+            else "process max RSS (so far; not resettable)")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
 def training_flops_per_image(trainer, x0: torch.Tensor) -> float:
     """FLOPs of forward + backward of the loss, per image (matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -46,26 +74,21 @@ def training_flops_per_image(trainer, x0: torch.Tensor) -> float:
     return counter.get_total_flops() / x0.shape[0]
 
 
-def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | None = None,
-                  timed_steps: int | None = None, sample_count: int | None = None,
-                  log=print) -> dict:
-    from utils.metrics import save_json
-    from utils.trainer import Trainer
-
-    device = torch.device(config.DEVICE)
-    on_gpu = device.type == "cuda"
-    warmup_steps = warmup_steps or (30 if on_gpu else 3)
-    timed_steps = timed_steps or (200 if on_gpu else 10)
-    sample_count = sample_count or (10_000 if on_gpu else 200)
-    trainer = Trainer(config, progress=False, log=lambda *a: None)
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(device)
+def benchmark_training(trainer, warmup_steps: int, timed_steps: int, log=print,
+                       flops: float | None = None) -> dict:
+    """Images/s of `trainer.train_step` after `warmup_steps`, FLOPs per image (counted
+    unless given: the same model's count from another run), FLOP/s as a fraction of
+    the card's bf16 peak, and the peak memory of training alone."""
+    config, device = trainer.config, trainer.device
     batches = _endless(trainer)
-
-    flops = training_flops_per_image(trainer, next(batches))
+    flops = flops or training_flops_per_image(trainer, next(batches))
     log(f"benchmark on {device}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M parameters, "
         f"batch {config.BATCH_SIZE}, {trainer.precision}, "
-        f"{'compiled' if config.COMPILE else 'eager'}; {flops / 1e9:.3f} GFLOP per training image")
+        f"{'compiled' if config.COMPILE else 'eager'}"
+        f"{', channels_last' if config.CHANNELS_LAST else ''}; "
+        f"{flops / 1e9:.3f} GFLOP per training image")
+    _sync(device)
+    _reset_peak(device)
     start = time.perf_counter()
     for _ in range(warmup_steps):
         trainer.train_step(next(batches))
@@ -80,35 +103,15 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
     _sync(device)
     train_seconds = time.perf_counter() - start
     train_rate = images / train_seconds
-    log(f"training: {train_rate:,.0f} images/s ({timed_steps} steps after {warmup_steps} warm-up "
-        f"steps that took {warmup_seconds:.1f} s)")
-
-    steps = None if config.SAMPLER == "ddpm" else config.SAMPLING_STEPS
-    nfe = steps or config.TIMESTEPS
-    batch = min(sample_count, 10_000 if on_gpu else 500)
-    sample_rates = {}
-    for precision in (["fp32", "bf16"] if on_gpu else ["fp32"]):
-        kwargs = dict(sampler=config.SAMPLER, steps=steps, eta=config.ETA, seed=0,
-                      precision=precision, spacing=config.SPACING)
-        trainer.ema.generate(min(batch, 64), batch_size=batch, progress=False, **kwargs)  # warm-up
-        _sync(device)
-        start = time.perf_counter()
-        trainer.ema.generate(sample_count, batch_size=batch, progress=progress, **kwargs)
-        _sync(device)
-        sample_rates[precision] = sample_count / (time.perf_counter() - start)
-        log(f"sampling ({precision}): {sample_rates[precision]:,.0f} images/s ({sample_count} "
-            f"digits, {config.SAMPLER}, {nfe} network evaluations each, batch {batch})")
-    sample_rate = sample_rates["fp32"]
-
-    if on_gpu:
-        peak_bytes = torch.cuda.max_memory_allocated(device)
-        name = torch.cuda.get_device_name(device)
-    else:
-        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        name = platform.processor() or platform.machine()
+    peak_mb = _peak_mb(device)
+    name = device_name(device)
+    card, peak = _peak_for(name) if device.type == "cuda" else (None, None)
     achieved = flops * train_rate
-    card, peak = _peak_for(name) if on_gpu else (None, None)
-    result = {
+    log(f"training: {train_rate:,.0f} images/s ({timed_steps} steps after {warmup_steps} warm-up "
+        f"steps that took {warmup_seconds:.1f} s); peak memory {peak_mb:,.0f} MB; "
+        f"{achieved / 1e12:.3f} TFLOP/s"
+        + (f" = {100 * achieved / peak:.1f}% of the {card}'s bf16 peak" if peak else ""))
+    return {
         "device": str(device), "device_name": name, "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in trainer.params),
@@ -116,22 +119,93 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
         "channels_last": config.CHANNELS_LAST, "compile": config.COMPILE,
         "model_channels": config.MODEL_CHANNELS, "channel_mult": list(config.CHANNEL_MULT),
         "num_res_blocks": config.NUM_RES_BLOCKS, "attention": config.ATTENTION,
-        "train_images_per_s": train_rate, "train_seconds_per_epoch": len(trainer.batcher) * config.BATCH_SIZE / train_rate,
+        "train_images_per_s": train_rate,
+        "train_seconds_per_epoch": len(trainer.batcher) * config.BATCH_SIZE / train_rate,
+        "warmup_steps": warmup_steps, "timed_steps": timed_steps,
         "warmup_seconds": warmup_seconds,
-        "sampler": config.SAMPLER, "sampling_nfe": nfe, "sample_images_per_s": sample_rate,
-        "sample_images_per_s_bf16": sample_rates.get("bf16"),
-        "sample_batch": batch,
-        "peak_memory_mb": peak_bytes / 2 ** 20,
-        "peak_memory_kind": "cuda max_memory_allocated" if on_gpu else "process max RSS",
+        "train_peak_memory_mb": peak_mb, "peak_memory_kind": peak_memory_kind(device),
         "train_flops_per_image": flops, "achieved_flops_per_s": achieved,
         "bf16_peak_flops_per_s": peak, "bf16_peak_card": card,
         "fraction_of_bf16_peak": achieved / peak if peak else None,
     }
+
+
+def benchmark_sampling(model, count: int, batch: int, precision: str = "fp32",
+                       sampler: str = "dpm-solver", steps: int | None = 20, eta: float = 0.0,
+                       spacing: str = "auto", progress: bool = False, log=print) -> dict:
+    """Images/s of `model.generate(count, batch_size=batch)` end to end (per-image noise
+    included), after one warm-up call at the same batch size, and its peak memory (on
+    CUDA: what was allocated at the start, such as resident training state, plus
+    sampling's own). The result's 'images' are the samples, in [-1, 1]."""
+    device = model.scheduler.betas.device
+    kwargs = dict(sampler=sampler, steps=steps, eta=eta, seed=0, precision=precision,
+                  spacing=spacing)
+    model.generate(min(batch, count), batch_size=batch, progress=False, **kwargs)  # warm-up
+    _sync(device)
+    _reset_peak(device)
+    start = time.perf_counter()
+    images = model.generate(count, batch_size=batch, progress=progress, **kwargs)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    nfe = model.timesteps if sampler == "ddpm" else steps
+    result = {"sampler": sampler, "sampling_nfe": nfe, "eta": eta, "precision": precision,
+              "count": count, "batch": batch, "seconds": seconds,
+              "images_per_s": count / seconds, "peak_memory_mb": _peak_mb(device),
+              "peak_memory_kind": peak_memory_kind(device)}
+    log(f"sampling ({precision}): {result['images_per_s']:,.0f} images/s ({count} digits, "
+        f"{sampler}, {nfe} network evaluations each, batch {batch}, {seconds:.1f} s); "
+        f"peak memory {result['peak_memory_mb']:,.0f} MB")
+    return {**result, "images": images}
+
+
+def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | None = None,
+                  timed_steps: int | None = None, sample_count: int | None = None,
+                  log=print) -> dict:
+    """Training, then sampling (fp32, and bf16 on CUDA), of the model `config` describes;
+    writes OUTPUT_DIR/benchmark.json and returns the same dict."""
+    from utils.metrics import save_json
+    from utils.trainer import Trainer
+
+    device = torch.device(config.DEVICE)
+    on_gpu = device.type == "cuda"
+    warmup_steps = warmup_steps or (30 if on_gpu else 3)
+    timed_steps = timed_steps or (200 if on_gpu else 10)
+    sample_count = sample_count or (10_000 if on_gpu else 200)
+    from utils import distributed as dist
+
+    if dist.world_size() > 1:  # torchrun: one process alone first, as the reference
+        def one_process():
+            with dist.alone():
+                alone = Trainer(config, progress=False, log=lambda *a: None)
+                return benchmark_training(alone, warmup_steps, timed_steps, lambda *a: None)
+
+        single = dist.broadcast_object(dist.wait_for_rank0(one_process))
+    trainer = Trainer(config, progress=False, log=lambda *a: None)
+    result = benchmark_training(trainer, warmup_steps, timed_steps, log)
+    if dist.world_size() > 1:
+        # train_step takes the global batch, split between the processes: global images/s
+        result.update(world_size=dist.world_size(),
+                      single_process_images_per_s=single["train_images_per_s"],
+                      scaling_efficiency=result["train_images_per_s"]
+                      / (dist.world_size() * single["train_images_per_s"]))
+        log(f"{dist.world_size()} processes: {result['train_images_per_s']:.0f} images/s in all, "
+            f"{single['train_images_per_s']:.0f} for one process alone: scaling efficiency "
+            f"{100 * result['scaling_efficiency']:.0f}%")
+        if not dist.is_main():
+            return result
+    steps = None if config.SAMPLER == "ddpm" else config.SAMPLING_STEPS
+    batch = min(sample_count, 10_000 if on_gpu else 500)
+    for precision in (["fp32", "bf16"] if on_gpu else ["fp32"]):
+        sampled = benchmark_sampling(trainer.ema, sample_count, batch, precision, config.SAMPLER,
+                                     steps, config.ETA, config.SPACING, progress, log)
+        suffix = "" if precision == "fp32" else "_bf16"
+        result[f"sample_images_per_s{suffix}"] = sampled["images_per_s"]
+        result[f"sample_peak_memory_mb{suffix}"] = sampled["peak_memory_mb"]
+        result.update(sampler=config.SAMPLER, sampling_nfe=sampled["sampling_nfe"],
+                      sample_batch=batch)
+    result.setdefault("sample_images_per_s_bf16", None)
     path = save_json(result, Path(config.OUTPUT_DIR) / "benchmark.json")
-    log(f"peak memory {result['peak_memory_mb']:,.0f} MB ({result['peak_memory_kind']}); "
-        f"{achieved / 1e12:.3f} TFLOP/s achieved in training"
-        + (f" = {100 * result['fraction_of_bf16_peak']:.1f}% of the {card}'s bf16 peak" if peak else "")
-        + f"\nwrote {path}")
+    log(f"wrote {path}")
     return result
 
 

@@ -10,7 +10,9 @@
 
 Every result comes with its floor: the same metrics for real training digits (as
 many as the samples) against the test set. FID depends on the sample count, so
-compare only at equal counts.
+compare only at equal counts. The classifier is the one shipped in utils/weights/
+(its hash checked on load), so an FID means the same on every machine;
+`calibration` gives the scale: real, blurred and noise digits.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from utils.classifier import load_or_train_classifier, predict
+from utils.classifier import load_classifier, predict
 from utils.data_loader import load_mnist, to_uint8
 
 NUM_CLASSES = 10
@@ -113,19 +116,20 @@ def nearest_neighbour_distance(images: torch.Tensor, reference: torch.Tensor) ->
 class Evaluator:
     """Scores sets of generated digits against the MNIST test set.
 
-    Builds (or loads) the evaluation classifier and the test-set feature statistics
-    once; `evaluate(images)` takes uint8 (N, 28, 28) or float (N, 1, 28, 28) in [-1, 1].
+    Loads the shipped evaluation classifier (or takes `classifier`, a (model, info) pair
+    such as `load_or_train_classifier` returns, for tests) and computes the test-set
+    feature statistics once; `evaluate(images)` takes uint8 (N, 28, 28) or float
+    (N, 1, 28, 28) in [-1, 1]. checkpoint_dir is accepted for callers written for the
+    classifier that was once cached there; nothing is read from or written to it.
     """
 
-    def __init__(self, data_dir="./data", checkpoint_dir="./checkpoints", device="cpu",
-                 seed: int = 0, classifier_train_size: int | None = None,
-                 classifier_epochs: int = 3, progress: bool = True, log=print,
-                 download: bool = True):
+    def __init__(self, data_dir="./data", checkpoint_dir=None, device="cpu",
+                 progress: bool = True, log=print, download: bool = True,
+                 classifier: tuple | None = None):
         self.device = torch.device(device)
         self.progress = progress
-        self.classifier, self.classifier_info = load_or_train_classifier(
-            data_dir, checkpoint_dir, self.device, seed, classifier_train_size,
-            classifier_epochs, progress=progress, log=log, download=download)
+        model, self.classifier_info = classifier or load_classifier()
+        self.classifier = model.to(self.device).eval()
         self.train_images, _ = load_mnist(data_dir, train=True, download=download)
         self.test_images, _ = load_mnist(data_dir, train=False, download=download)
         self.test_features, _ = predict(self.classifier, self.test_images, progress=progress,
@@ -177,6 +181,26 @@ class Evaluator:
                 floor["nn_train_distance_count"] = n
             self._floors[key] = floor
         return self._floors[key]
+
+
+def blur(images: torch.Tensor, size: int = 5) -> torch.Tensor:
+    """uint8 (N, 28, 28) digits smoothed by a size x size box filter, as uint8."""
+    x = images.float().unsqueeze(1)
+    kernel = torch.ones(1, 1, size, size) / size ** 2
+    return F.conv2d(x, kernel, padding=size // 2).round().clamp(0, 255).to(torch.uint8)[:, 0]
+
+
+def calibration(evaluator: Evaluator, count: int = 10_000, precision_recall_k: int | None = 3
+                ) -> dict:
+    """The metrics of three reference sets of `count` digits against the test set, the
+    scale an FID is read on: 'real' (training digits: the floor, as good as a model can
+    be), 'blurred' (the same digits, 5x5 box blur) and 'noise' (uniform pixel noise)."""
+    real = evaluator.train_images[-count:]
+    noise = torch.randint(0, 256, (count, 28, 28), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    return {name: evaluator.evaluate(images, floor=False, memorisation=False,
+                                     precision_recall_k=precision_recall_k)
+            for name, images in [("real", real), ("blurred", blur(real)), ("noise", noise)]}
 
 
 def format_report(result: dict, title: str = "") -> str:
