@@ -18,6 +18,9 @@ from typing import Literal, get_args, get_origin, get_type_hints
 Schedule = Literal["linear", "cosine"]
 Prediction = Literal["eps", "v"]
 LossWeighting = Literal["none", "min-snr"]
+TimestepSampling = Literal["uniform", "lognormal"]
+LRSchedule = Literal["constant", "linear", "cosine", "wsd"]
+EMARule = Literal["constant", "power"]
 Sampler = Literal["ddpm", "ddim", "dpm-solver"]
 Precision = Literal["auto", "fp32", "bf16"]
 Preset = Literal["none", "cpu"]
@@ -59,15 +62,20 @@ class Config:
     SCHEDULE_TYPE: Schedule = "linear"  # noise schedule: linear (DDPM) or cosine (improved DDPM)
     PREDICTION: Prediction = "eps"  # what the network predicts: noise (eps) or velocity (v)
     LOSS_WEIGHTING: LossWeighting = "none"  # per-timestep loss weights: none or min-snr (gamma 5)
+    TIMESTEP_SAMPLING: TimestepSampling = "uniform"  # training timesteps: uniform in t, or lognormal in sigma (EDM)
 
     # --- training ---
     EPOCHS: int = 100  # passes over the 60,000 training digits
     LEARNING_RATE: float = 1e-4  # AdamW learning rate at BATCH_SIZE 128 (scaled by sqrt(batch/128))
     LR_WARMUP_STEPS: int = 500  # linear learning-rate warm-up, in optimizer steps
+    LR_SCHEDULE: LRSchedule = "constant"  # decay over the run's budget (steps, epochs or minutes) to LR_FLOOR at its end
+    LR_FLOOR: float = 0.0  # the learning rate at the end of a decaying schedule, as a fraction of the peak
     WEIGHT_DECAY: float = 0.0  # AdamW weight decay
     GRAD_CLIP: float = 1.0  # clip the gradient norm to this (0 = off)
-    EMA_DECAY: float = 0.9995  # decay of the weight average used for sampling
+    EMA_DECAY: float = 0.9995  # decay of the weight average used for sampling (--ema-rule constant)
     EMA_WARMUP: bool = True  # use decay min(EMA_DECAY, (1+step)/(10+step)) early in training
+    EMA_RULE: EMARule = "constant"  # constant: EMA_DECAY; power: EDM2's average over the last EMA_STD of the run
+    EMA_STD: float = 0.05  # width of the power EMA: std of its weights' ages as a fraction of the steps so far
     MAX_STEPS: int = 0  # stop after this many optimizer steps in total (0 = no limit)
     MAX_MINUTES: float = 0.0  # stop after this many minutes of training in total (0 = no limit)
     SEED: int = 0  # seeds weights, data order, noise and samples
@@ -140,7 +148,7 @@ class Config:
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"{flag_for(name)} must be positive, got {value}")
-        non_negative = ["NUM_WORKERS", "TRAIN_SIZE", "MAX_STEPS", "MAX_MINUTES", "SAVE_EVERY_STEPS", "KEEP", "EVAL_EVERY", "THREADS",
+        non_negative = ["LR_FLOOR", "NUM_WORKERS", "TRAIN_SIZE", "MAX_STEPS", "MAX_MINUTES", "SAVE_EVERY_STEPS", "KEEP", "EVAL_EVERY", "THREADS",
                         "LR_WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "DROPOUT", "ETA"]
         for name in non_negative:
             value = getattr(self, name)
@@ -155,6 +163,12 @@ class Config:
                               f"--beta-end ({self.BETA_END})")
         if not 0 <= self.EMA_DECAY < 1:
             raise ConfigError(f"--ema-decay must lie in [0, 1), got {self.EMA_DECAY}")
+        if self.LR_FLOOR > 1:
+            raise ConfigError(f"--lr-floor is a fraction of the peak learning rate: [0, 1], "
+                              f"got {self.LR_FLOOR}")
+        if not 0 < self.EMA_STD < 0.28:
+            raise ConfigError(f"--ema-std must lie in (0, 0.28) (0.28 is a plain average of "
+                              f"the whole run), got {self.EMA_STD}")
         if self.DROPOUT >= 1:
             raise ConfigError(f"--dropout must lie in [0, 1), got {self.DROPOUT}")
         if self.SAMPLING_STEPS > self.TIMESTEPS:

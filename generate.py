@@ -18,6 +18,7 @@ unless --output names the file. From Python (see README, "Use it from Python"):
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,15 +48,15 @@ def build_parser() -> OneLineArgumentParser:
                    help="network evaluations per digit (default: the checkpoint's setting; "
                         "ddpm always takes all timesteps)")
     add_config_arguments(p, names={"SAMPLER", "ETA", "SPACING", "DEVICE", "PRECISION", "DATA_DIR",
-                                   "DOWNLOAD", "CHECKPOINT_DIR", "OUTPUT_DIR"},
+                                   "DOWNLOAD", "OUTPUT_DIR"},
                          default_note={**{name: "the checkpoint's setting"
                                           for name in ("SAMPLER", "ETA", "SPACING")},
-                                       "PRECISION": "fp32; bf16 autocast is faster on GPUs"},
+                                       "PRECISION": "fp32; bf16 autocast is faster on GPUs",
+                                       "OUTPUT_DIR": "outputs"},
                          help_text={
                              "SAMPLER": "sampler for grids, --evaluate and --chain "
                                         "(interpolation always decodes with DDIM, eta 0)",
                              "PRECISION": "sampling precision (auto = bf16 on CUDA)",
-                             "CHECKPOINT_DIR": "where the evaluation classifier is cached",
                              "OUTPUT_DIR": "where --evaluate writes its JSON"})
     p.add_argument("--raw-weights", action="store_true",
                    help="sample with the raw weights instead of their EMA (for comparison)")
@@ -101,16 +102,23 @@ def main(argv=None) -> int:
     check_args(args, parser)
     overrides = config_overrides(args)
     device = overrides.get("DEVICE", Config().DEVICE)
-    out_dir = Path(overrides.get("OUTPUT_DIR", Config.OUTPUT_DIR))
+    out_dir = Path(overrides.get("OUTPUT_DIR") or DEFAULT_OUTPUT.parent)
+    from utils import distributed as dist
     from utils.checkpoint import CheckpointError
+    from utils.classifier import ClassifierError
     from utils.data_loader import MNISTError
 
+    if dist.launched():  # torchrun: the samples are split between the processes
+        dist.init(device)
+        device = dist.local_device(device)
+        if not dist.is_main():
+            sys.stdout = open(os.devnull, "w")
     try:
         check_device(device)
         if not args.checkpoint and not args.evaluate_npz:
             from utils.runs import newest_checkpoint
 
-            args.checkpoint = newest_checkpoint()
+            args.checkpoint = dist.broadcast_object(newest_checkpoint())
             if args.checkpoint is None:
                 raise ConfigError("no checkpoint found in runs/: train one with python main.py, "
                                   "or name one with --checkpoint")
@@ -121,8 +129,10 @@ def main(argv=None) -> int:
         return run(args, overrides, device, out_dir)
     except (ConfigError, CheckpointError, NpzError) as error:
         parser.exit(2, f"generate.py: error: {error}\n")
-    except MNISTError as error:
+    except (MNISTError, ClassifierError) as error:
         parser.exit(1, f"generate.py: error: {error}\n")
+    finally:
+        dist.shutdown()
 
 
 class NpzError(ValueError):
@@ -275,31 +285,34 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     from utils.data_loader import to_uint8
     from utils.metrics import Evaluator, format_report, save_json
     from utils.visualization import save_images, show
+    from utils import distributed as dist
     from utils.trainer import resolve_precision
 
-    progress = not args.quiet
+    progress = not args.quiet and dist.is_main()
     paths = picture_paths(args)
+    if not dist.is_main() and "grid" not in paths:
+        return 0  # only the sample grid's digits are split between processes
     data_dir = overrides.get("DATA_DIR", Config.DATA_DIR)
-    checkpoint_dir = overrides.get("CHECKPOINT_DIR", Config.CHECKPOINT_DIR)
     download = overrides.get("DOWNLOAD", Config.DOWNLOAD)
 
     def evaluator():
-        return Evaluator(data_dir, checkpoint_dir, device, progress=progress, download=download)
+        return Evaluator(data_dir, device=device, progress=progress, download=download)
 
     def test_digits():
         from utils.data_loader import load_mnist
 
         return load_mnist(data_dir, train=False, download=download)[0]
 
-    if args.evaluate_npz:
+    if args.evaluate_npz and dist.is_main():
         samples = load_npz(args.evaluate_npz)
         result = evaluator().evaluate(samples)
         result["source"] = str(args.evaluate_npz)
         path = save_json(result, unused(out_dir / f"eval_{Path(args.evaluate_npz).stem}.json"))
         print(format_report(result, f"{args.evaluate_npz}:"))
         print(f"metrics written to {path}")
-        if not args.checkpoint:
-            return 0
+
+    if not args.checkpoint:  # only --evaluate-npz
+        return 0
 
     model, config = DiffusionModel.from_checkpoint(args.checkpoint, device,
                                                    ema=not args.raw_weights)
@@ -325,9 +338,14 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     if "grid" in paths:
         count = args.num_samples or (EVAL_DEFAULT_SAMPLES if args.evaluate else 64)
         start = time.perf_counter()
-        images = model.generate(count, batch_size=args.batch_size, progress=progress,
-                                **sample_kwargs)
+        part = dist.local_slice(count)  # under torchrun each process draws its share
+        images = model.generate(part.stop - part.start, first_index=part.start,
+                                batch_size=args.batch_size, progress=progress,
+                                **sample_kwargs).cpu()
+        images = dist.gather_to_rank0(images)
         seconds = time.perf_counter() - start
+        if not dist.is_main():
+            return 0  # rank 0 writes and scores; every other picture is rank 0's too
         print(f"sampled {count} digits in {seconds:.1f} s ({count / seconds:.3g} images/s)")
         shown = images[:min(count, 100)]
         written.append(save_images(shown, paths["grid"], nrow=max(1, min(10, int(len(shown) ** 0.5)))))

@@ -5,6 +5,7 @@
     python main.py --preset cpu                 # a small model for a laptop CPU: digits in 15 minutes
     python main.py --resume auto                # continue the newest run in ./runs, exactly
     python main.py --benchmark                  # measure speed; writes outputs/benchmark.json
+    torchrun --nproc_per_node 4 main.py         # the same run on 4 GPUs (README, "More than one GPU")
 
 Every setting of config.Config is a flag (python main.py --help lists them). From Python:
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +28,9 @@ def build_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(
         prog="main.py", description="Train a DDPM on MNIST (see README.md).",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=36))
-    parser.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
+    presets = ["auto", *PRESETS]
+    parser.add_argument("--preset", choices=presets, default="auto",
+                        metavar="{" + ",".join(presets) + "}",
                         help="start from a named group of settings: cpu (a small model, digits "
                              "in 15 minutes on a laptop), none (the defaults below, for a GPU), "
                              "auto (cpu without CUDA, none with it); explicit flags still win "
@@ -118,7 +122,8 @@ def describe_plan(trainer) -> str:
     steps_left = trainer.total_steps - trainer.step
     seconds = steps_left * trainer.estimate_step_seconds()
     limit = cfg.MAX_MINUTES * 60 - trainer.elapsed if cfg.MAX_MINUTES else None
-    budget = (f"{cfg.EPOCHS} epochs" if not cfg.MAX_STEPS else f"{cfg.MAX_STEPS} steps")
+    budget = (f"{cfg.EPOCHS} epochs" if trainer.total_steps == cfg.EPOCHS * trainer.steps_per_epoch
+              else f"{steps_left / trainer.steps_per_epoch:.1f} epochs")
     if limit is not None and limit < seconds:
         return (f"plan: {_duration(limit)} of training (--max-minutes {cfg.MAX_MINUTES:g}; "
                 f"{budget} would take about {_duration(seconds)} here)")
@@ -145,7 +150,10 @@ def train_model(config: Config | None = None, resume: dict | str | None = None,
     before writing anything). Holds the run folder's lock while training. Raises the trainer's exceptions (TrainingInterrupted on Ctrl-C after
     saving, ckpt.SaveError when a checkpoint cannot be written, ...).
     """
+    import contextlib
+
     from utils import checkpoint as ckpt
+    from utils import distributed as dist
     from utils.runs import RunLock, remove_if_empty, with_run_folders
     from utils.trainer import Trainer
 
@@ -153,19 +161,21 @@ def train_model(config: Config | None = None, resume: dict | str | None = None,
         resume = ckpt.load_checkpoint(resume)
     config = config or Config.from_preset("auto")
     new_folder = not config.CHECKPOINT_DIR
-    config = with_run_folders(config, name)
+    # under torchrun, rank 0 names (and creates) the run folder for all
+    config = dist.broadcast_object(with_run_folders(config, name) if dist.is_main() else None)
+    lock = RunLock(config.CHECKPOINT_DIR) if dist.is_main() else contextlib.nullcontext()
     try:
-        with RunLock(config.CHECKPOINT_DIR):
+        with lock:
             trainer = Trainer(config, resume=resume, progress=progress, log=log)
             finished = trainer.finished()
             if finished:
                 log(f"nothing to do: this run is finished ({finished})")
             else:
-                if plan:
+                if plan and dist.is_main():
                     log(describe_plan(trainer))
                 trainer.fit()
     except BaseException:
-        if new_folder:
+        if new_folder and dist.is_main():
             remove_if_empty(config.CHECKPOINT_DIR)
         raise
     trainer.ema.config = trainer.config  # what it was trained with, for the caller
@@ -175,7 +185,22 @@ def train_model(config: Config | None = None, resume: dict | str | None = None,
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from utils import distributed as dist
+
+    if dist.launched():  # torchrun: join the others; only rank 0 talks
+        dist.init(config_overrides(args).get("DEVICE") or default_device())
+        if not dist.is_main():
+            sys.stdout = open(os.devnull, "w")
+    try:
+        return _main(args, parser)
+    finally:
+        dist.shutdown()
+
+
+def _main(args, parser) -> int:
+    from utils import distributed as dist
     from utils.checkpoint import CheckpointError, SaveError
+    from utils.classifier import ClassifierError
     from utils.data_loader import MNISTError
     from utils.runs import RunLockedError
 
@@ -205,7 +230,7 @@ def main(argv=None) -> int:
     except RunLockedError as error:
         print(f"main.py: error: {error}", file=sys.stderr)
         return 2
-    except (MNISTError, SaveError) as error:
+    except (MNISTError, SaveError, ClassifierError) as error:
         print(f"main.py: error: {error}", file=sys.stderr)
         return 1
     except CheckpointError as error:
@@ -213,12 +238,16 @@ def main(argv=None) -> int:
         return 2
     except TrainingInterrupted as stop:
         name, path = stop.args
-        print(f"stopped by {name}; checkpoint saved to {path}\n"
-              f"resume with: python main.py --resume {path}", file=sys.stderr)
+        if dist.is_main():
+            print(f"stopped by {name}; checkpoint saved to {path}\n"
+                  f"resume with: python main.py --resume {path}", file=sys.stderr)
         return 130 if name == "SIGINT" else 143
+    except dist.PeerLost as error:
+        print(f"main.py: error (rank {dist.rank()}): {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("main.py: interrupted; stopped without saving "
-              f"(the last checkpoint, if any, is in {config.CHECKPOINT_DIR})", file=sys.stderr)
+              f"(the last checkpoint, if any, is in {config.CHECKPOINT_DIR or 'runs/'})", file=sys.stderr)
         return 130
     except TrainingDiverged as error:
         print(f"main.py: error: {error}", file=sys.stderr)
@@ -227,6 +256,14 @@ def main(argv=None) -> int:
         print(f"main.py: error: out of memory on {config.DEVICE} with --batch-size "
               f"{config.BATCH_SIZE}; try a smaller --batch-size (e.g. {max(1, config.BATCH_SIZE // 2)})"
               f" or --model-channels", file=sys.stderr)
+        return 1
+    except RuntimeError as error:  # after OutOfMemoryError, which is one too
+        if not dist.is_initialized():
+            raise
+        reason = (str(error).strip().splitlines() or ["?"])[0][:160]
+        print(f"main.py: error (rank {dist.rank()}): lost contact with the other processes "
+              f"(one died or stopped answering: {reason}); the last good checkpoint is in "
+              f"{config.CHECKPOINT_DIR or 'runs/'}", file=sys.stderr)
         return 1
     return 0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -92,20 +91,30 @@ class DiffusionModel(nn.Module):
 
     def compute_loss(self, x0: torch.Tensor, t: torch.Tensor | None = None,
                      noise: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, reduction: str = "mean",
+                     forward=None) -> torch.Tensor:
         """Mean squared error between the network output and its target (the noise for
-        eps-prediction, DDPM eq. 14), weighted per timestep if loss_weighting asks."""
+        eps-prediction, DDPM eq. 14), weighted per timestep if loss_weighting asks.
+
+        reduction 'mean' averages over the batch; 'none' returns the (B,) per-image
+        losses. forward: the module to run instead of self (a DistributedDataParallel
+        wrapper of it, whose gradient hooks then fire)."""
         if t is None:
             t = self.scheduler.sample_timesteps(x0.shape[0], x0.device, generator)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        output, noise = self(x0, t, noise)
+        output, noise = (forward or self)(x0, t, noise)
         target = self.scheduler.training_target(x0, noise, t, self.prediction)
         assert output.shape == target.shape, (output.shape, target.shape)
-        if self.loss_weighting == "none":
-            return F.mse_loss(output.float(), target)
-        per_sample = (output.float() - target).square().mean(dim=tuple(range(1, x0.dim())))
-        return (per_sample * self.scheduler.loss_weight(t, self.prediction, self.loss_weighting)).mean()
+        per_image = (output.float() - target).square().mean(dim=tuple(range(1, x0.dim())))
+        if self.loss_weighting != "none":
+            per_image = per_image * self.scheduler.loss_weight(t, self.prediction,
+                                                               self.loss_weighting)
+        if reduction == "none":
+            return per_image
+        if reduction == "mean":
+            return per_image.mean()
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of mean, none")
 
     # ----- sampling -----
     def reverse_diffusion_step(self, xt: torch.Tensor, t, predicted_noise: torch.Tensor,
@@ -154,15 +163,18 @@ class DiffusionModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, num_samples: int, batch_size: int = 500, progress: bool = True,
-                 **sample_kwargs) -> torch.Tensor:
-        """`num_samples` images in [-1, 1] on the model's device, in batches, with a
-        progress bar; image i is the same for every batch_size."""
+                 first_index: int = 0, **sample_kwargs) -> torch.Tensor:
+        """Images first_index .. first_index + num_samples - 1 in [-1, 1] on the model's
+        device, in batches, with a progress bar; image i is the same for every batch_size
+        (and for every split of the indices between processes)."""
         images = []
         bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
         for start in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - start)
-            images.append(self.sample((count, *self.image_shape), first_index=start,
+            images.append(self.sample((count, *self.image_shape), first_index=first_index + start,
                                       **sample_kwargs))
             bar.update(count)
         bar.close()
+        if not images:
+            return torch.empty(0, *self.image_shape, device=self.scheduler.betas.device)
         return torch.cat(images)

@@ -171,9 +171,9 @@ def test_non_finite_loss_is_skipped_then_stops_training(tiny, monkeypatch):
     calls = {"n": 0}
     snapshots = {}
 
-    def flaky_loss(x0, **kwargs):
+    def flaky_loss(x0, *args, **kwargs):
         calls["n"] += 1
-        loss = original(x0, **kwargs)
+        loss = original(x0, *args, **kwargs)
         if calls["n"] == 3:  # one bad step: skipped, training goes on
             snapshots["before"] = [p.detach().clone() for p in trainer.model.parameters()]
             return loss * float("nan")

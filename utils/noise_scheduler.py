@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 SCHEDULES = ("linear", "cosine")
+TIMESTEP_DISTRIBUTIONS = ("uniform", "lognormal")
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
 PREDICTIONS = ("eps", "v")
 
 
@@ -75,6 +77,9 @@ class NoiseScheduler(nn.Module):
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt()
             / (1.0 - alphas_cumprod),
             "snr": alphas_cumprod / (1.0 - alphas_cumprod),
+            # sigma_t = sqrt((1 - abar_t) / abar_t), the noise level of x_t / sqrt(abar_t)
+            # (EDM's sigma of this VP schedule); log sigma increases with t.
+            "log_sigmas": 0.5 * torch.log((1.0 - alphas_cumprod) / alphas_cumprod),
         }
         for name, value in tables.items():
             self.register_buffer(name, value.float(), persistent=False)
@@ -98,10 +103,25 @@ class NoiseScheduler(nn.Module):
         return betas.clamp(max=max_beta)
 
     # ----- q(x_t | x_0) -----
-    def sample_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None
-                         ) -> torch.Tensor:
-        """Uniform timesteps in [0, T-1], shape (batch_size,), int64."""
-        return torch.randint(0, self.timesteps, (batch_size,), device=device, generator=generator)
+    def sample_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None,
+                         distribution: str = "uniform") -> torch.Tensor:
+        """Training timesteps, shape (batch_size,), int64 in [0, T-1].
+
+        'uniform': every t equally often (DDPM). 'lognormal': log sigma_t ~ N(P_mean, P_std^2)
+        with EDM's P_mean = -1.2, P_std = 1.2 (Karras et al. 2022, Table 1), mapped to the
+        timestep whose sigma is the next above: most training at mid noise levels, little at
+        the extremes, where the target is nearly determined.
+        """
+        if distribution == "uniform":
+            return torch.randint(0, self.timesteps, (batch_size,), device=device,
+                                 generator=generator)
+        if distribution == "lognormal":
+            log_sigma = EDM_P_MEAN + EDM_P_STD * torch.randn(batch_size, device=device,
+                                                             generator=generator)
+            t = torch.searchsorted(self.log_sigmas.to(device), log_sigma)
+            return t.clamp(0, self.timesteps - 1)
+        raise ValueError(f"unknown timestep distribution {distribution!r}; expected one of "
+                         f"{', '.join(TIMESTEP_DISTRIBUTIONS)}")
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from config import RUN_CONTROL, Config, ConfigError, flag_for
 from models.diffusion import DiffusionModel
 from utils import checkpoint as ckpt
+from utils import distributed as dist
 from utils.data_loader import DataLoaderBatcher, InMemoryBatcher, load_mnist
 from utils.seeding import capture_rng_state, restore_rng_state, seed_everything
 
@@ -45,6 +46,35 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def lr_decay(schedule: str, fraction: float, floor: float = 0.0) -> float:
+    """The learning-rate factor at `fraction` (0 .. 1) of the budget: 1 at the start,
+    `floor` at the end. 'wsd' (warm-up, stable, decay) holds 1 for 80% of the budget and
+    decays linearly over the last 20%."""
+    f = min(max(fraction, 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        shape = 1.0 - f
+    elif schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * f))
+    elif schedule == "wsd":
+        shape = min(1.0, (1.0 - f) / 0.2)
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected constant, linear, cosine, wsd")
+    return floor + (1.0 - floor) * shape
+
+
+def power_ema_gamma(std: float) -> float:
+    """EDM2's exponent gamma for a power-function EMA of relative width `std` (sigma_rel):
+    the root of std^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)) (Karras et al. 2024, eq. 3)."""
+    lo, hi = 0.0, 1e6
+    width = lambda g: math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))  # decreasing in g
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if width(mid) > std else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
 def config_for_resume(saved: Config, requested: dict) -> Config:
     """The saved run's config with the explicitly requested run-control settings applied.
 
@@ -59,15 +89,16 @@ def config_for_resume(saved: Config, requested: dict) -> Config:
 
 class Trainer:
     def __init__(self, config: Config, resume: dict | None = None, log=print,
-                 progress: bool = True, evaluator=None):
+                 progress: bool = True, evaluator=None, clock=time.perf_counter):
         if not (config.CHECKPOINT_DIR and config.OUTPUT_DIR):
             from utils.runs import with_run_folders
 
             config = with_run_folders(config)
         self.config = config
-        self.log = log
-        self.progress = progress
-        self.device = torch.device(config.DEVICE)
+        self.log = log if dist.is_main() else (lambda *args: None)  # the others print only errors
+        self.progress = progress and dist.is_main()
+        self.clock = clock  # seconds; tests pass a fake one for time budgets
+        self.device = torch.device(dist.local_device(config.DEVICE))
         if config.THREADS:
             torch.set_num_threads(config.THREADS)
         seed_everything(config.SEED)
@@ -102,11 +133,26 @@ class Trainer:
         self.evaluations: list[dict] = []
         self.bad_in_a_row = 0
         self.elapsed = 0.0  # seconds spent in training steps, summed over resumes
+        self.stretches: list[dict] = []  # {"step", "world_size"} where each stretch of training began
         if resume is not None:
             self.load_state(resume)
+        self._fraction = self.budget_fraction(self.elapsed)  # of the budget used; drives the lr
 
         if config.COMPILE:
             self.model.unet.compile()
+        self.forward = None  # the module the loss runs through: DDP's wrapper under torchrun
+        if dist.is_initialized():
+            import inspect
+
+            from torch.nn.parallel import DistributedDataParallel
+
+            # the buffers are the schedule's constant tables: no need to sync them each step
+            no_sync = ("forward_sync_buffers"  # torch >= 2.14 renamed broadcast_buffers
+                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else "broadcast_buffers")
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **{no_sync: False})
         self.evaluator = evaluator
         self._stop_signal = None
         self.timed_out = False
@@ -119,11 +165,32 @@ class Trainer:
         """LEARNING_RATE is for batch 128; scaled by sqrt(batch / 128) for other sizes."""
         return self.config.LEARNING_RATE * math.sqrt(self.config.BATCH_SIZE / 128)
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, fraction: float = 0.0) -> float:
+        """Linear warm-up over LR_WARMUP_STEPS, times the decay at `fraction` of the budget."""
         warmup = self.config.LR_WARMUP_STEPS
-        return self.base_lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return (self.base_lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+                * lr_decay(self.config.LR_SCHEDULE, fraction, self.config.LR_FLOOR))
+
+    def budget_fraction(self, seconds: float) -> float:
+        """How much of the run's budget is used, in [0, 1]: the larger of steps taken of
+        the total (EPOCHS, MAX_STEPS) and training time of MAX_MINUTES. Step budgets give
+        1 exactly at the last step, time budgets when the time is up, on any machine."""
+        fraction = self.step / max(1, self.total_steps - 1)
+        if self.config.MAX_MINUTES:
+            fraction = max(fraction, seconds / (self.config.MAX_MINUTES * 60))
+        return min(1.0, fraction)
 
     def ema_decay_at(self, step: int) -> float:
+        """The EMA's decay for the update after optimizer step `step` (0-indexed).
+
+        'power' is EDM2's power-function EMA (Karras et al. 2024, eq. 2): decay
+        (1 - 1/t)^(gamma + 1) at t = step + 1, which averages the weights of the whole run
+        so far with weights growing as t^gamma; gamma is set so that the ages of the
+        averaged weights have a standard deviation of EMA_STD times the run's length. Its
+        averaging length thus grows with the run, whatever the budget."""
+        if self.config.EMA_RULE == "power":
+            t = step + 1
+            return (1.0 - 1.0 / t) ** (power_ema_gamma(self.config.EMA_STD) + 1.0)
         if self.config.EMA_WARMUP:
             return min(self.config.EMA_DECAY, (1 + step) / (10 + step))
         return self.config.EMA_DECAY
@@ -137,18 +204,31 @@ class Trainer:
     def train_step(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss, backward, clip, AdamW and EMA update, with no host-device sync.
 
-        A non-finite loss or gradient norm sets AdamW's found_inf flag, so the fused
-        update leaves weights and moments untouched for that step. Returns the
-        detached loss and the flag.
+        x0 is the global batch. Its timesteps and noise are drawn for the whole batch from
+        the trainer's generator (the same on every process), and this process keeps its
+        slice: with N processes each image gets what it would get in one. The loss is
+        the batch mean in every case (DDP averages the gradients of N slices, each scaled
+        by N). A non-finite loss or gradient norm sets AdamW's found_inf flag, so the
+        fused update leaves weights and moments untouched for that step. Returns the
+        detached loss (the global batch's) and the flag.
         """
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step, self._fraction)
+        size = x0.shape[0]
+        t = self.model.scheduler.sample_timesteps(size, self.device, self.generator,
+                                                  self.config.TIMESTEP_SAMPLING)
+        noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
+        part = dist.local_slice(size)
+        x0, t, noise = x0[part], t[part], noise[part]
         if self.config.CHANNELS_LAST:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.precision == "bf16"):
-            loss = self.model.compute_loss(x0, generator=self.generator)
-        loss.backward()
+            per_image = self.model.compute_loss(x0, t, noise, reduction="none",
+                                                forward=self.forward)
+        loss = per_image.sum() / size  # this process's share of the batch mean
+        (loss * dist.world_size()).backward()
+        loss = dist.all_reduce_sum_(loss.detach())
         clip = self.config.GRAD_CLIP if self.config.GRAD_CLIP > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
@@ -157,7 +237,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_decay_at(self.step))
-        return loss.detach(), bad
+        return loss, bad
 
     def estimate_step_seconds(self, repeats: int = 2) -> float:
         """Seconds per optimizer step on this machine, from timing forward and backward on
@@ -187,19 +267,29 @@ class Trainer:
         after writing a checkpoint on SIGINT/SIGTERM, TrainingDiverged on repeated NaNs."""
         cfg = self.config
         out_dir = Path(cfg.OUTPUT_DIR)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(self.checkpoint_dir)
-        from utils.metrics import save_json
+        if not self.stretches or self.stretches[-1]["world_size"] != dist.world_size():
+            self.stretches.append({"step": self.step, "world_size": dist.world_size()})
 
-        self._write_or_warn("config.json", save_json, cfg.to_dict(), out_dir / "config.json")
+        def prepare():
+            from utils.metrics import save_json
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.checkpoint_dir)
+            self._write_or_warn("config.json", save_json,
+                                {**cfg.to_dict(), "world_size": dist.world_size(),
+                                 "stretches": self.stretches}, out_dir / "config.json")
+
+        dist.wait_for_rank0(prepare)
         n_params = sum(p.numel() for p in self.params)
         self.log(f"training on {self.device} ({self.precision}): {n_params / 1e6:.2f}M parameters, "
                  f"{self.steps_per_epoch} steps of {cfg.BATCH_SIZE} per epoch, "
                  f"{self.total_steps} steps in all"
                  + (f" or {cfg.MAX_MINUTES:g} minutes of training, whichever comes first"
                     if cfg.MAX_MINUTES else "")
-                 + (f", resuming at step {self.step}" if self.step else ""))
+                 + (f", resuming at step {self.step}" if self.step else "")
+                 + (f"; {dist.world_size()} processes, {cfg.BATCH_SIZE} images a step in all"
+                    if dist.world_size() > 1 else ""))
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.progress)
@@ -214,7 +304,7 @@ class Trainer:
     def _loop(self, bar):
         cfg = self.config
         while self.epoch < cfg.EPOCHS and self.step < self.total_steps and not self.timed_out:
-            tick, images_done = time.perf_counter(), 0
+            tick, images_done = self.clock(), 0
             for x0 in self.batcher.batches(self.epoch, self.batch_in_epoch):
                 loss, bad = self.train_step(x0)
                 self._pending.append((loss, bad))
@@ -222,27 +312,41 @@ class Trainer:
                 self.batch_in_epoch += 1
                 images_done += x0.shape[0]
                 bar.update(1)
+                stop = self._after_step(self.elapsed + (self.clock() - tick))
                 if self.step % cfg.PRINT_EVERY == 0 or self.step == self.total_steps:
                     self.elapsed += self._flush(tick)
-                    rate = images_done / max(time.perf_counter() - tick, 1e-9)
-                    tick, images_done = time.perf_counter(), 0
+                    rate = images_done / max(self.clock() - tick, 1e-9)
+                    tick, images_done = self.clock(), 0
                     bar.set_postfix(epoch=self.epoch + 1, loss=f"{self._recent_loss():.4f}",
                                     img_s=f"{rate:.0f}")
                 if cfg.SAVE_EVERY_STEPS and self.step % cfg.SAVE_EVERY_STEPS == 0:
                     self.elapsed += self._flush(tick)
-                    tick = time.perf_counter()
-                    self.save(self.checkpoint_dir / ckpt.LATEST)
-                if self._stop_signal is not None:
+                    tick = self.clock()
+                    self.save_shared(self.checkpoint_dir / ckpt.LATEST)
+                if stop:
                     self.elapsed += self._flush(tick)
-                    path = self.save(self.checkpoint_dir / ckpt.LATEST)
+                    path = self.save_shared(self.checkpoint_dir / ckpt.LATEST)
                     raise TrainingInterrupted(self._stop_signal, path)
-                if self.step >= self.total_steps or self._out_of_time(tick):
+                if self.step >= self.total_steps or self.timed_out:
                     break
             self.elapsed += self._flush(tick)
             if self.batch_in_epoch >= self.steps_per_epoch:
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 self.end_of_epoch()
+
+    def _after_step(self, seconds: float) -> bool:
+        """After each step, with `seconds` of training so far: update the budget fraction
+        (for the lr) and the time limit, and say whether a signal asks to stop. Under
+        torchrun every process takes the maximum over all, so they all decide alike."""
+        limit = self.config.MAX_MINUTES * 60
+        stop, timed_out, self._fraction = dist.agree(
+            float(self._stop_signal is not None), float(bool(limit) and seconds >= limit),
+            self.budget_fraction(seconds))
+        self.timed_out = bool(timed_out)
+        if stop and self._stop_signal is None:
+            self._stop_signal = "SIGTERM"  # another process got it
+        return bool(stop)
 
     def _flush(self, since: float) -> float:
         """Read the pending losses back (one sync), check for divergence; returns the
@@ -261,7 +365,7 @@ class Trainer:
                         f"losses or gradients in a row (skipped, not applied); the last good "
                         f"checkpoint in {self.config.CHECKPOINT_DIR} is untouched. Try a lower "
                         f"--lr or --grad-clip")
-        return time.perf_counter() - since
+        return self.clock() - since
 
     def finished(self) -> str | None:
         """Why a (resumed) run has nothing left to do, or None."""
@@ -272,13 +376,6 @@ class Trainer:
             return (f"{self.elapsed / 60:.1f} minutes trained of --max-minutes {cfg.MAX_MINUTES:g}; "
                     f"raise --max-minutes to go on")
         return None
-
-    def _out_of_time(self, tick: float) -> bool:
-        """MAX_MINUTES reached, counting this epoch's unflushed time too (no sync needed)."""
-        limit = self.config.MAX_MINUTES * 60
-        if limit and self.elapsed + (time.perf_counter() - tick) >= limit:
-            self.timed_out = True
-        return self.timed_out
 
     def _recent_loss(self, window: int = 100) -> float:
         recent = [v for v in self.losses[-window:] if math.isfinite(v)]
@@ -297,22 +394,31 @@ class Trainer:
         if cfg.EVAL_EVERY and (self.epoch % cfg.EVAL_EVERY == 0 or last):
             self.evaluate()
         if self.epoch % cfg.SAVE_EVERY == 0 or last:
-            self.save(self.checkpoint_dir / ckpt.periodic_name(self.epoch),
-                      self.checkpoint_dir / ckpt.LATEST)
-            ckpt.prune_periodic(self.checkpoint_dir, cfg.KEEP)
-            self._write_or_warn("the sample grid", self.save_samples,
-                                Path(cfg.OUTPUT_DIR) / f"samples_epoch_{self.epoch:04d}.png")
-            self._write_or_warn("the loss history", self.write_history)
+            def save_all():
+                self.save(self.checkpoint_dir / ckpt.periodic_name(self.epoch),
+                          self.checkpoint_dir / ckpt.LATEST)
+                ckpt.prune_periodic(self.checkpoint_dir, cfg.KEEP)
+                self._write_or_warn("the sample grid", self.save_samples,
+                                    Path(cfg.OUTPUT_DIR) / f"samples_epoch_{self.epoch:04d}.png")
+                self._write_or_warn("the loss history", self.write_history)
+
+            dist.wait_for_rank0(save_all)
 
     def finish(self) -> dict:
         cfg = self.config
         if cfg.EVAL_EVERY and (not self.evaluations or self.evaluations[-1]["step"] != self.step):
             self.evaluate()  # the run stopped between evaluations (max steps or minutes)
             self._latest_step = None  # so that latest.pt records this evaluation too
-        latest = self.save(self.checkpoint_dir / ckpt.LATEST)
-        grid = self._write_or_warn("the sample grid", self.save_samples,
-                                   Path(cfg.OUTPUT_DIR) / "samples_final.png")
-        self._write_or_warn("the loss history", self.write_history)
+        latest = self.checkpoint_dir / ckpt.LATEST
+        grid = Path(cfg.OUTPUT_DIR) / "samples_final.png"
+
+        def save_all():
+            self.save(latest)
+            wrote = self._write_or_warn("the sample grid", self.save_samples, grid)
+            self._write_or_warn("the loss history", self.write_history)
+            return wrote
+
+        grid = dist.broadcast_object(dist.wait_for_rank0(save_all))
         summary = {"step": self.step, "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
                    "train_seconds": self.elapsed, "final_loss": self._recent_loss(),
                    "checkpoint": str(latest), "samples": str(grid)}
@@ -364,22 +470,31 @@ class Trainer:
     def evaluate(self) -> dict:
         """FID etc. of EVAL_SAMPLES fixed-seed EMA samples, logged and kept in the history."""
         cfg = self.config
+        steps = None if cfg.SAMPLER == "ddpm" else cfg.SAMPLING_STEPS
+        part = dist.local_slice(cfg.EVAL_SAMPLES)  # each process draws its share of the images
+        images = self.ema.generate(part.stop - part.start, first_index=part.start,
+                                   progress=self.progress, sampler=cfg.SAMPLER, steps=steps,
+                                   eta=cfg.ETA, seed=EVAL_SEED, spacing=cfg.SPACING)
+        images = dist.gather_to_rank0(images.cpu())
+        record = dist.broadcast_object(dist.wait_for_rank0(lambda: self._score(images, steps)))
+        self.evaluations.append(record)
+        return record
+
+    def _score(self, images: torch.Tensor, steps) -> dict:
+        """Metrics of the gathered images (on rank 0), logged."""
+        cfg = self.config
         if self.evaluator is None:
             from utils.metrics import Evaluator
 
-            self.evaluator = Evaluator(cfg.DATA_DIR, cfg.CHECKPOINT_DIR, self.device,
-                                       progress=self.progress, log=self.log,
+            self.evaluator = Evaluator(cfg.DATA_DIR, device=self.device, progress=self.progress,
                                        download=cfg.DOWNLOAD)
-        steps = None if cfg.SAMPLER == "ddpm" else cfg.SAMPLING_STEPS
-        images = self.ema.generate(cfg.EVAL_SAMPLES, progress=self.progress, sampler=cfg.SAMPLER,
-                                   steps=steps, eta=cfg.ETA, seed=EVAL_SEED, spacing=cfg.SPACING)
-        result = self.evaluator.evaluate(images, memorisation=False, precision_recall_k=None)
+        result = self.evaluator.evaluate(images, memorisation=False,
+                                         precision_recall_k=None)
         record = {"epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch, "step": self.step, "train_seconds": self.elapsed,
                   "num_samples": cfg.EVAL_SAMPLES, "fid": result["fid"],
                   "fid_floor": result["floor"]["fid"],
                   "confident_fraction": result["confident_fraction"],
                   "class_kl": result["class_kl"], "sampler": f"{cfg.SAMPLER}-{steps or cfg.TIMESTEPS}"}
-        self.evaluations.append(record)
         self.log(f"epoch {self.epoch}: FID {record['fid']:.2f} (floor {record['fid_floor']:.2f}) "
                  f"on {cfg.EVAL_SAMPLES} samples, {100 * record['confident_fraction']:.1f}% "
                  f"with p > 0.9, class KL {record['class_kl']:.4f}")
@@ -398,8 +513,14 @@ class Trainer:
             "bad_in_a_row": self.bad_in_a_row,
             "elapsed": self.elapsed,
             "generator": self.generator.get_state(),
+            "stretches": self.stretches,
             "rng": capture_rng_state(),
         }
+
+    def save_shared(self, path: Path) -> Path:
+        """Rank 0 saves (see `save`) while the others wait; returns the path on every rank."""
+        dist.wait_for_rank0(lambda: self.save(path))
+        return path
 
     def save(self, *paths: Path) -> Path:
         """Write the training state to each path (atomically); returns the last.
@@ -443,6 +564,7 @@ class Trainer:
         self.evaluations = list(state.get("evaluations", []))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         self.elapsed = float(state.get("elapsed", 0.0))
+        self.stretches = [dict(s) for s in state.get("stretches", [])]
         try:
             self.generator.set_state(state["generator"].cpu())
         except RuntimeError:  # saved on another kind of device: a fresh stream, seeded

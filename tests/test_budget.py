@@ -1,0 +1,164 @@
+"""Training that knows its budget: learning-rate decay to the end of the budget (steps,
+epochs or minutes, the last with a fake clock), the power EMA's averaging length, exact
+resume mid-decay, and log-normal timesteps."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from utils.noise_scheduler import EDM_P_MEAN, EDM_P_STD, NoiseScheduler
+from utils.trainer import Trainer, lr_decay, power_ema_gamma
+
+
+def quiet(*args):
+    pass
+
+
+def _lrs(trainer, fake_seconds_per_step=None):
+    """Train to the end; return the learning rate every step used."""
+    seen, done = [], {"steps": 0}
+    step = trainer.train_step
+
+    def recording(x0):
+        out = step(x0)
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        done["steps"] += 1
+        return out
+
+    trainer.train_step = recording
+    if fake_seconds_per_step is not None:
+        trainer.clock = lambda: done["steps"] * fake_seconds_per_step
+    trainer.fit()
+    return seen
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "wsd"])
+def test_lr_reaches_its_floor_exactly_at_the_last_step(tiny, schedule):
+    trainer = Trainer(tiny(MAX_STEPS=12, LR_SCHEDULE=schedule, LR_FLOOR=0.1, LR_WARMUP_STEPS=0),
+                      progress=False, log=quiet)
+    lrs = _lrs(trainer)
+    assert len(lrs) == 12
+    assert lrs[0] == pytest.approx(trainer.base_lr)
+    assert lrs[-1] == pytest.approx(0.1 * trainer.base_lr)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never rises
+    assert lrs[10] < trainer.base_lr
+
+
+def test_an_epoch_budget_decays_over_its_epochs(tiny):
+    trainer = Trainer(tiny(EPOCHS=2, LR_SCHEDULE="linear", LR_WARMUP_STEPS=0), progress=False,
+                      log=quiet)
+    lrs = _lrs(trainer)
+    assert len(lrs) == 2 * trainer.steps_per_epoch == 8
+    assert lrs[-1] == 0.0 and lrs[0] == pytest.approx(trainer.base_lr)
+    assert lrs[3] == pytest.approx(trainer.base_lr * (1 - 3 / 7))
+
+
+def test_a_time_budget_decays_by_the_clock_and_ends_at_the_floor(tiny):
+    # 0.25 minutes at a fake 1.5 s a step: 10 steps, whatever the step budget says
+    trainer = Trainer(tiny(MAX_STEPS=1000, MAX_MINUTES=0.25, LR_SCHEDULE="linear",
+                           LR_FLOOR=0.05, LR_WARMUP_STEPS=0), progress=False, log=quiet)
+    lrs = _lrs(trainer, fake_seconds_per_step=1.5)
+    assert len(lrs) == 10 and trainer.timed_out
+    assert lrs[0] == pytest.approx(trainer.base_lr)
+    assert lrs[-1] == pytest.approx(trainer.base_lr * (0.05 + 0.95 * (1 - 9 * 1.5 / 15)))
+    # a slower machine (3 s a step) gets through the same decay in half the steps
+    slow = Trainer(tiny(MAX_STEPS=1000, MAX_MINUTES=0.25, LR_SCHEDULE="linear", LR_FLOOR=0.05,
+                        LR_WARMUP_STEPS=0, CHECKPOINT_DIR=str(trainer.checkpoint_dir) + "-slow"),
+                   progress=False, log=quiet)
+    slow_lrs = _lrs(slow, fake_seconds_per_step=3.0)
+    assert len(slow_lrs) == 5 and slow_lrs[-1] == pytest.approx(lrs[-2])
+
+
+def test_without_a_decaying_schedule_the_lr_is_flat_after_warm_up(tiny):
+    trainer = Trainer(tiny(MAX_STEPS=6, LR_WARMUP_STEPS=2), progress=False, log=quiet)
+    lrs = _lrs(trainer)
+    assert lrs[0] == pytest.approx(trainer.base_lr / 2) and set(lrs[1:]) == {trainer.base_lr}
+
+
+def _train(config, resume=None):
+    trainer = Trainer(config, resume=resume, progress=False, log=quiet)
+    trainer.fit()
+    return trainer
+
+
+def test_resume_mid_decay_with_the_power_ema_is_exact(tiny, tmp_path):
+    """Stop a 9-step decaying run after 4 steps (as Ctrl-C does), resume it: the same
+    weights, EMA and losses as the run that never stopped."""
+    from utils import checkpoint as ckpt
+    from utils.trainer import TrainingInterrupted
+
+    settings = dict(MAX_STEPS=9, LR_SCHEDULE="cosine", LR_FLOOR=0.0, EMA_RULE="power",
+                    EMA_STD=0.1, TIMESTEP_SAMPLING="lognormal", SAVE_EVERY=100)
+    straight = _train(tiny(CHECKPOINT_DIR=str(tmp_path / "a"), **settings))
+    first = Trainer(tiny(CHECKPOINT_DIR=str(tmp_path / "b"), **settings), progress=False, log=quiet)
+    step = first.train_step
+
+    def stop_after_four(x0):
+        out = step(x0)
+        if first.step + 1 == 4:
+            first._stop_signal = "SIGINT"
+        return out
+
+    first.train_step = stop_after_four
+    with pytest.raises(TrainingInterrupted):
+        first.fit()
+    state = ckpt.load_checkpoint(tmp_path / "b" / ckpt.LATEST)
+    assert state["step"] == 4
+    resumed = _train(first.config, resume=state)
+    for name, value in straight.ema.state_dict().items():
+        assert torch.equal(value, resumed.ema.state_dict()[name]), name
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert straight.losses == resumed.losses
+
+
+@pytest.mark.parametrize("std", [0.05, 0.1])
+@pytest.mark.parametrize("steps", [1000, 20000])
+def test_power_ema_averages_the_documented_share_of_the_run(tiny, std, steps):
+    """Feed the EMA the step number itself: it then holds the mean age of what it
+    averages; with the square, the spread. Both scale with the run, as documented."""
+    trainer = Trainer(tiny(EMA_RULE="power", EMA_STD=std), progress=False, log=quiet)
+    mean = mean_sq = 0.0
+    for step in range(steps):
+        beta = trainer.ema_decay_at(step)
+        x = step + 1
+        mean = beta * mean + (1 - beta) * x
+        mean_sq = beta * mean_sq + (1 - beta) * x * x
+    spread = math.sqrt(mean_sq - mean ** 2) / steps
+    gamma = power_ema_gamma(std)
+    assert spread == pytest.approx(std, rel=0.02)
+    assert mean / steps == pytest.approx((gamma + 1) / (gamma + 2), rel=0.01)
+
+
+def test_power_ema_gamma_matches_edm2():
+    # EDM2 (Karras et al. 2024) uses sigma_rel 0.05 and 0.10 <-> gamma 16.97 and 6.94
+    assert power_ema_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    assert power_ema_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+
+
+def test_lr_decay_shapes():
+    assert [lr_decay("linear", f) for f in (0, 0.5, 1)] == [1.0, 0.5, 0.0]
+    assert lr_decay("cosine", 0.5, 0.2) == pytest.approx(0.6)
+    assert [lr_decay("wsd", f) for f in (0, 0.8, 0.9, 1)] == pytest.approx([1, 1, 0.5, 0])
+    assert lr_decay("constant", 0.99) == 1.0
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        lr_decay("step", 0.5)
+
+
+def test_lognormal_timesteps_follow_edm_in_log_sigma():
+    scheduler = NoiseScheduler(1000)
+    generator = torch.Generator().manual_seed(0)
+    t = scheduler.sample_timesteps(200_000, "cpu", generator, "lognormal")
+    assert t.min() >= 0 and t.max() <= 999
+    log_sigma = scheduler.log_sigmas[t].double().numpy()
+    inside = (log_sigma > scheduler.log_sigmas[0].item() + 0.5) & \
+             (log_sigma < scheduler.log_sigmas[-1].item() - 0.5)
+    # away from the table's ends, the median and spread are EDM's (to the table's resolution)
+    assert np.median(log_sigma) == pytest.approx(EDM_P_MEAN, abs=0.02)
+    q16, q84 = np.quantile(log_sigma[inside], [0.16, 0.84])
+    assert (q84 - q16) / 2 == pytest.approx(EDM_P_STD, rel=0.1)
+    uniform = scheduler.sample_timesteps(200_000, "cpu", generator)
+    assert abs(uniform.double().mean().item() - 499.5) < 3
+    with pytest.raises(ValueError, match="unknown timestep distribution"):
+        scheduler.sample_timesteps(4, "cpu", generator, "beta")

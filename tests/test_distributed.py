@@ -1,0 +1,141 @@
+"""torchrun on the CPU (gloo): the mathematics does not depend on the number of
+processes, rank 0 alone writes, resume works across process counts, sampling splits
+across processes, and Ctrl-C / SIGTERM ends with one saved checkpoint."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from utils import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model-channels", "8", "--time-embed-dim", "16", "--num-res-blocks", "1",
+        "--timesteps", "50", "--train-size", "64", "--sampling-steps", "5", "--num-samples", "4",
+        "--device", "cpu", "--no-download", "--quiet", "--preset", "none", "--threads", "1",
+        "--dropout", "0"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="this torch has no torch.distributed")
+
+
+def launch(cwd, processes, script, *args, timeout=240):
+    """`torchrun --standalone --nproc_per_node N script args` (N = 0: plain python)."""
+    runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(processes)] if processes else [sys.executable])
+    return subprocess.run([*runner, str(ROOT / script), *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def weights(path):
+    return ckpt.load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=0), name
+
+
+def test_two_processes_of_16_train_like_one_of_32(tmp_path, data_dir):
+    common = [*TINY, "--data-dir", data_dir, "--batch-size", 32, "--max-steps", 5, "--save-every", 1]
+    two = launch(tmp_path, 2, "main.py", *common, "--checkpoint-dir", "two")
+    assert two.returncode == 0, two.stderr
+    one = launch(tmp_path, 0, "main.py", *common, "--checkpoint-dir", "one")
+    assert one.returncode == 0, one.stderr
+    assert_same_weights(weights(tmp_path / "one" / "latest.pt"), weights(tmp_path / "two" / "latest.pt"))
+    losses = [ckpt.load_checkpoint(tmp_path / f / "latest.pt")["losses"] for f in ("one", "two")]
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    # rank 0 alone wrote and talked: one checkpoint, one summary
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.pt")) == ["epoch_0001.pt",
+                                                                      "epoch_0002.pt", "latest.pt"]
+    assert two.stdout.count("done: 5 steps") == 1 and "Traceback" not in two.stderr
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["stretches"] == [{"step": 0, "world_size": 2}]
+
+
+@pytest.mark.parametrize("first, then", [(2, 0), (0, 2)])
+def test_a_run_resumes_on_another_number_of_processes(tmp_path, data_dir, first, then):
+    common = [*TINY, "--data-dir", data_dir, "--batch-size", 16]
+    straight = launch(tmp_path, 0, "main.py", *common, "--max-steps", 7, "--checkpoint-dir", "s")
+    assert straight.returncode == 0, straight.stderr
+    begun = launch(tmp_path, first, "main.py", *common, "--max-steps", 3, "--checkpoint-dir", "r")
+    assert begun.returncode == 0, begun.stderr
+    resumed = launch(tmp_path, then, "main.py", "--resume", tmp_path / "r" / "latest.pt",
+                     "--max-steps", 7, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout and "at step 3" in resumed.stdout
+    state = ckpt.load_checkpoint(tmp_path / "r" / "latest.pt")
+    assert state["step"] == 7
+    # the same data order and noise from step 3 on: the same weights as one unbroken run
+    assert_same_weights(weights(tmp_path / "s" / "latest.pt"), state["model"])
+    assert [s["world_size"] for s in state["stretches"]] == [first or 1, then or 1]
+    assert [s["step"] for s in state["stretches"]] == [0, 3]
+
+
+def test_sampling_splits_across_processes_and_gathers_the_same_digits(tmp_path, data_dir):
+    trained = launch(tmp_path, 0, "main.py", *TINY, "--data-dir", data_dir, "--batch-size", 16,
+                     "--max-steps", 2, "--checkpoint-dir", "ck")
+    assert trained.returncode == 0, trained.stderr
+    common = ["--checkpoint", tmp_path / "ck" / "latest.pt", "--num-samples", 7, "--device", "cpu",
+              "--quiet", "--eta", 1, "--batch-size", 3]
+    for processes, name in ((0, "one"), (2, "two")):
+        result = launch(tmp_path, processes, "generate.py", *common, "--save-npz", f"{name}.npz",
+                        "--output", f"{name}.png")
+        assert result.returncode == 0, result.stderr
+    one, two = (np.load(tmp_path / f"{n}.npz")["samples"] for n in ("one", "two"))
+    assert one.shape == two.shape == (7, 28, 28)
+    assert np.abs(one.astype(int) - two.astype(int)).max() <= 1  # image i: (seed, i) alone
+    assert not (tmp_path / "two-2.png").exists()  # written once, by rank 0
+
+
+def test_evaluation_inside_a_two_process_run_does_not_hang(tmp_path, data_dir):
+    result = launch(tmp_path, 2, "main.py", *TINY, "--data-dir", data_dir, "--batch-size", 16,
+                    "--epochs", 2, "--eval-every", 1, "--eval-samples", 24, "--checkpoint-dir", "ck")
+    assert result.returncode == 0, result.stderr
+    evaluations = json.loads((tmp_path / "ck" / "evaluations.json").read_text())["evaluations"]
+    assert [e["epoch"] for e in evaluations] == [1, 2]
+    assert all(e["num_samples"] == 24 and np.isfinite(e["fid"]) for e in evaluations)
+    assert result.stdout.count("epoch 1: FID") == 1
+
+
+def test_sigterm_to_a_two_process_run_saves_once_and_says_how_to_resume(tmp_path, data_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "main.py"), *map(str, TINY), "--data-dir", str(data_dir), "--batch-size", "16",
+         "--epochs", "100000", "--save-every", "100000", "--checkpoint-dir", "ck"],
+        cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = iter(proc.stdout.readline, "")
+        assert any(line.startswith("training on cpu") for line in lines)
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both processes
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    latest = tmp_path / "ck" / "latest.pt"
+    assert f"resume with: python main.py --resume {Path('ck') / 'latest.pt'}" in err
+    assert err.count("resume with:") == 1  # said once, by rank 0
+    state = ckpt.load_checkpoint(latest)
+    assert state["step"] > 0
+    resumed = launch(tmp_path, 2, "main.py", "--resume", latest, "--max-steps", state["step"] + 2,
+                     "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert ckpt.load_checkpoint(latest)["step"] == state["step"] + 2
+
+
+def test_benchmark_under_torchrun_reports_global_speed_and_scaling(tmp_path, data_dir):
+    result = launch(tmp_path, 2, "main.py", *TINY, "--data-dir", data_dir, "--batch-size", 32,
+                    "--benchmark", "--output-dir", "bench")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
+    assert data["world_size"] == 2 and data["single_process_images_per_s"] > 0
+    assert data["scaling_efficiency"] == pytest.approx(
+        data["train_images_per_s"] / (2 * data["single_process_images_per_s"]))
+    assert result.stdout.count("scaling efficiency") == 1
