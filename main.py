@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -221,6 +222,9 @@ def _main(args, parser) -> int:
         if args.benchmark:
             from utils.benchmark import run_benchmark
 
+            if (Path(config.OUTPUT_DIR) / "benchmark.json").exists() and dist.is_main():
+                print(f"replacing {Path(config.OUTPUT_DIR) / 'benchmark.json'}")
+
             run_benchmark(config, progress=not args.quiet)
             return 0
         model, _ = train_model(config, resume=state, progress=not args.quiet, plan=True,
@@ -260,7 +264,8 @@ def _main(args, parser) -> int:
     except RuntimeError as error:  # after OutOfMemoryError, which is one too
         if not dist.is_initialized():
             raise
-        reason = (str(error).strip().splitlines() or ["?"])[0][:160]
+        reason = (str(error).strip().splitlines() or ["?"])[0]
+        reason = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", reason)[:160]  # gloo's source line
         print(f"main.py: error (rank {dist.rank()}): lost contact with the other processes "
               f"(one died or stopped answering: {reason}); the last good checkpoint is in "
               f"{config.CHECKPOINT_DIR or 'runs/'}", file=sys.stderr)

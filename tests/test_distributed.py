@@ -139,3 +139,34 @@ def test_benchmark_under_torchrun_reports_global_speed_and_scaling(tmp_path, dat
     assert data["scaling_efficiency"] == pytest.approx(
         data["train_images_per_s"] / (2 * data["single_process_images_per_s"]))
     assert result.stdout.count("scaling efficiency") == 1
+
+
+def _worker_of_rank(parent: int, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=rank (Linux /proc)."""
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_dying_process_leaves_the_last_checkpoint_and_a_clear_message(tmp_path, data_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "main.py"), *map(str, TINY), "--data-dir", str(data_dir), "--batch-size", "16",
+         "--epochs", "100000", "--save-every-steps", "5", "--checkpoint-dir", "ck"],
+        cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = tmp_path / "ck" / "latest.pt"
+    try:
+        deadline = time.time() + 120
+        while not latest.exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "main.py: error (rank 0): lost contact with the other processes" in err
+    assert ckpt.load_checkpoint(latest)["step"] >= 5  # the last good one, intact
