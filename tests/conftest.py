@@ -55,3 +55,16 @@ def quick_evaluator(tmp_path_factory, data_dir):
     from utils.metrics import Evaluator
 
     return Evaluator(data_dir, device="cpu", progress=False, log=lambda *a: None)
+
+
+def expect_one_line(capsys, entry, argv, code: int = 2) -> str:
+    """Run a script's main(argv): it must end with `code` and exactly one line on stderr,
+    no traceback. Returns that line."""
+    try:
+        result = entry(argv)
+    except SystemExit as stop:
+        result = stop.code
+    err = capsys.readouterr().err.strip()
+    assert result == code, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err

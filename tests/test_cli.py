@@ -14,6 +14,7 @@ from PIL import Image
 
 import generate
 import main
+from conftest import expect_one_line
 from utils import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,15 +65,7 @@ def test_train_then_generate_end_to_end(tmp_path, data_dir):
 
 
 def _expect_exit(capsys, entry, argv, code=2):
-    """Run a script's main(argv); it must end with `code` and one line on stderr."""
-    try:
-        result = entry(argv)
-    except SystemExit as stop:
-        result = stop.code
-    err = capsys.readouterr().err.strip()
-    assert result == code, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
+    return expect_one_line(capsys, entry, argv, code)
 
 
 @pytest.mark.parametrize("argv, expected", [

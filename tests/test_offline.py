@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import main
+from conftest import expect_one_line
 from config import PRESETS, Config
 from utils import data_loader
 from utils.data_loader import MNIST_FILES, MNISTDataError, ensure_mnist
@@ -90,14 +91,6 @@ def _data_copy(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-def _expect_one_line(capsys, argv, code):
-    result = main.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert result == code, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
-
-
 @pytest.mark.parametrize("damage", ["truncated", "corrupt", "foreign"])
 def test_damaged_gz_files_give_one_line_and_exit_1(capsys, tmp_path, damage):
     data = _data_copy(tmp_path)
@@ -109,8 +102,9 @@ def test_damaged_gz_files_give_one_line_and_exit_1(capsys, tmp_path, damage):
         packed.write_bytes(content[:1000] + bytes([content[1000] ^ 0xFF]) + content[1001:])
     else:
         packed.write_bytes(gzip.compress(os.urandom(60_008)))
-    err = _expect_one_line(capsys, ["--data-dir", str(data), "--max-steps", "1", "--quiet",
-                                    "--output-dir", str(tmp_path / "o")], code=1)
+    err = expect_one_line(capsys, main.main, ["--data-dir", str(data), "--max-steps", "1",
+                                              "--quiet", "--checkpoint-dir", str(tmp_path / "o")],
+                          code=1)
     assert str(packed) in err and "SHA-256" in err and "git checkout" in err
     assert not (data / "MNIST" / "raw" / "train-labels-idx1-ubyte").exists()
 
@@ -122,8 +116,9 @@ def test_a_truncated_unpacked_file_is_caught_before_training(capsys, tmp_path):
     unpacked.write_bytes(unpacked.read_bytes()[:5000])
     with pytest.raises(MNISTDataError, match="truncated"):
         ensure_mnist(data, download=False)
-    err = _expect_one_line(capsys, ["--data-dir", str(data), "--max-steps", "1", "--quiet",
-                                    "--output-dir", str(tmp_path / "o")], code=1)
+    err = expect_one_line(capsys, main.main, ["--data-dir", str(data), "--max-steps", "1",
+                                              "--quiet", "--checkpoint-dir", str(tmp_path / "o")],
+                          code=1)
     assert str(unpacked) in err and "delete it" in err
 
 

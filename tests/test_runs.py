@@ -12,6 +12,7 @@ import pytest
 
 import generate
 import main
+from conftest import expect_one_line
 from utils import checkpoint as ckpt
 from utils.runs import RunLock, RunLockedError
 
@@ -25,17 +26,6 @@ def run(cwd, script, *args, timeout=240):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def _one_line(capsys, entry, argv, code):
-    try:
-        result = entry(argv)
-    except SystemExit as stop:
-        result = stop.code
-    err = capsys.readouterr().err.strip()
-    assert result == code, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
 
 
 def test_new_runs_get_their_own_folders_and_generate_takes_the_newest(tmp_path, data_dir):
@@ -65,7 +55,7 @@ def test_a_given_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(
         capsys, tmp_path, data_dir):
     folders = ["--data-dir", str(data_dir), "--checkpoint-dir", str(tmp_path / "ck")]
     assert main.main(TINY + folders + ["--max-steps", "2"]) == 0
-    err = _one_line(capsys, main.main, TINY + folders + ["--max-steps", "3"], code=2)
+    err = expect_one_line(capsys, main.main, TINY + folders + ["--max-steps", "3"], code=2)
     assert "holds another run" in err and "--resume" in err and "--overwrite" in err
     assert ckpt.load_checkpoint(tmp_path / "ck" / "latest.pt")["step"] == 2  # untouched
     assert main.main(TINY + folders + ["--max-steps", "3", "--overwrite"]) == 0
@@ -129,7 +119,7 @@ def test_a_full_disk_is_one_line_exit_1_and_the_previous_checkpoint_survives(
     _fill_the_disk_on_save(monkeypatch, fail_from=3)
     argv = TINY + ["--data-dir", str(data_dir), "--checkpoint-dir", str(tmp_path / "ck"),
                    "--max-steps", "10", "--save-every-steps", "2"]
-    err = _one_line(capsys, main.main, argv, code=1)
+    err = expect_one_line(capsys, main.main, argv, code=1)
     latest = tmp_path / "ck" / "latest.pt"
     assert f"could not save {latest}: no space left on device" in err
     assert "the previous checkpoint at step 4 is intact" in err
@@ -198,11 +188,11 @@ def _npz(tmp_path, count):
 
 
 def test_empty_npz_is_one_line(capsys, tmp_path):
-    err = _one_line(capsys, generate.main, ["--evaluate-npz", str(_npz(tmp_path, 0))], code=2)
+    err = expect_one_line(capsys, generate.main, ["--evaluate-npz", str(_npz(tmp_path, 0))], code=2)
     assert "holds no samples" in err
 
 
 def test_generate_without_any_run_says_what_to_do(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    err = _one_line(capsys, generate.main, ["--device", "cpu"], code=2)
+    err = expect_one_line(capsys, generate.main, ["--device", "cpu"], code=2)
     assert "no checkpoint found in runs/" in err and "python main.py" in err

@@ -1,4 +1,4 @@
-"""The training loop: EMA, checkpoints, exact resume, fault handling, evaluation.
+"""The training loop: schedules, EMA, checkpoints, exact resume, faults, evaluation.
 
 `Trainer(config).fit()` trains on the in-memory batcher (the whole training set on
 the device, one seeded permutation per epoch) and writes, under OUTPUT_DIR, the
@@ -8,6 +8,11 @@ see utils/runs.py). Everything random is drawn from generators whose states the
 checkpoint keeps, so a resumed run continues exactly where it stopped. A checkpoint
 that cannot be written (disk full) stops the run with `ckpt.SaveError`, the previous
 one intact; a picture or history file that cannot be written is reported and skipped.
+
+The learning rate warms up, then follows LR_SCHEDULE over the fraction of the budget
+used (steps of EPOCHS/MAX_STEPS or time of MAX_MINUTES, whichever is further); the EMA
+is a constant decay or EDM2's power function (EMA_RULE). Under torchrun the same loop
+runs in every process on its slice of each global batch (see utils/distributed.py).
 """
 from __future__ import annotations
 
