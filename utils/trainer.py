@@ -103,6 +103,8 @@ class Trainer:
         self.log = log if dist.is_main() else (lambda *args: None)  # the others print only errors
         self.progress = progress and dist.is_main()
         self.clock = clock  # seconds; tests pass a fake one for time budgets
+        self._ema_gamma = power_ema_gamma(config.EMA_STD)  # for EMA_RULE 'power'
+
         self.device = torch.device(dist.local_device(config.DEVICE))
         if config.THREADS:
             torch.set_num_threads(config.THREADS)
@@ -195,7 +197,7 @@ class Trainer:
         averaging length thus grows with the run, whatever the budget."""
         if self.config.EMA_RULE == "power":
             t = step + 1
-            return (1.0 - 1.0 / t) ** (power_ema_gamma(self.config.EMA_STD) + 1.0)
+            return (1.0 - 1.0 / t) ** (self._ema_gamma + 1.0)
         if self.config.EMA_WARMUP:
             return min(self.config.EMA_DECAY, (1 + step) / (10 + step))
         return self.config.EMA_DECAY
