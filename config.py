@@ -211,7 +211,9 @@ PRESETS = {
     "cpu": dict(MODEL_CHANNELS=16, CHANNEL_MULT=(1, 2, 4), NUM_RES_BLOCKS=1, TIME_EMBED_DIM=64,
                 ATTENTION=False, DROPOUT=0.0, PREDICTION="v", BATCH_SIZE=32, LEARNING_RATE=4e-3,
                 LR_WARMUP_STEPS=200, EMA_DECAY=0.9995, DEVICE="cpu", EPOCHS=100, MAX_MINUTES=15.0,
-                SAVE_EVERY=1, ETA=1.0),  # SDE sampling: FID 25 vs 34 (ODE) at 20 steps, README
+                SAVE_EVERY=1, ETA=1.0,  # SDE sampling: FID 25 vs 34 (ODE) at 20 steps, README
+                # decay to 0 over the budget + power EMA: FID 45.9 vs 51.8 at 8,000 steps (README)
+                LR_SCHEDULE="linear", EMA_RULE="power", EMA_STD=0.05),
 }
 
 # Flags whose name is not simply the field's name in kebab case.
