@@ -19,7 +19,7 @@ import torch
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-# SHA-256 of the published .gz files (data/MNIST/raw/SHA256SUMS lists the same).
+# SHA-256 of the published .gz files.
 MNIST_SHA256 = {
     "train-images-idx3-ubyte.gz": "6a66d24619f2f5633797ce4489282550aba52f3cbf59f1cec68071891b89629f",
     "train-labels-idx1-ubyte.gz": "ad50e16eb3891898af0c17b35330f2fbbb58a13ed40cd84e07748b00b40978fd",
