@@ -89,7 +89,13 @@ def init(device: str) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a barrier first, so that no process tears its
+    side down while another still talks to it (gloo can abort on that)."""
     if is_initialized():
+        try:
+            torch.distributed.barrier()
+        except RuntimeError:  # another process is gone already: nothing to wait for
+            pass
         torch.distributed.destroy_process_group()
 
 
