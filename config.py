@@ -54,6 +54,8 @@ class Config:
     TIME_EMBED_DIM: int = 256  # width of the timestep embedding
     ATTENTION: bool = True  # self-attention at the lowest resolution
     DROPOUT: float = 0.0  # dropout inside residual blocks
+    CONDITIONAL: bool = False  # learn the digit's class too (a class embedding), for --digit and --guidance
+    CLASS_DROPOUT: float = 0.1  # share of each batch trained without its label (the "no class" token)
 
     # --- diffusion ---
     TIMESTEPS: int = 1000  # diffusion steps T (timesteps are 0-indexed: 0 .. T-1)
@@ -102,6 +104,7 @@ class Config:
     SAMPLING_STEPS: int = 20  # network evaluations per sample (ddpm always uses TIMESTEPS)
     ETA: float = 0.0  # sampler noise: 0 = deterministic; 1 = ancestral (ddim), the SDE (dpm-solver)
     SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim
+    GUIDANCE: float = 2.0  # classifier-free guidance W: eps_u + W (eps_c - eps_u); 0 = unconditional, 1 = plain conditional
 
     # --- provenance ---
     PRESET: Preset = "none"  # the preset this run started from (set by --preset; none = the defaults)
@@ -169,6 +172,11 @@ class Config:
         if not 0 < self.EMA_STD < 0.28:
             raise ConfigError(f"--ema-std must lie in (0, 0.28) (0.28 is a plain average of "
                               f"the whole run), got {self.EMA_STD}")
+        if not 0 <= self.CLASS_DROPOUT < 1:
+            raise ConfigError(f"--class-dropout must lie in [0, 1), got {self.CLASS_DROPOUT}")
+        if self.GUIDANCE < 0:
+            raise ConfigError(f"--guidance must be >= 0 (0 = unconditional, 1 = conditional), "
+                              f"got {self.GUIDANCE}")
         if self.DROPOUT >= 1:
             raise ConfigError(f"--dropout must lie in [0, 1), got {self.DROPOUT}")
         if self.SAMPLING_STEPS > self.TIMESTEPS:
@@ -201,7 +209,7 @@ class ConfigError(ValueError):
 RUN_CONTROL = {"EPOCHS", "MAX_STEPS", "MAX_MINUTES", "DEVICE", "LOADER", "NUM_WORKERS", "THREADS", "CHECKPOINT_DIR", "OUTPUT_DIR",
                "DATA_DIR", "DOWNLOAD", "SAVE_EVERY", "SAVE_EVERY_STEPS", "KEEP", "NUM_SAMPLES",
                "PRINT_EVERY", "EVAL_EVERY", "EVAL_SAMPLES", "SAMPLER", "SAMPLING_STEPS",
-               "ETA", "SPACING", "MAX_BAD_STEPS", "COMPILE", "PRESET"}
+               "ETA", "SPACING", "GUIDANCE", "MAX_BAD_STEPS", "COMPILE", "PRESET"}
 
 # Named groups of settings for common machines; explicit flags still win.
 PRESETS = {

@@ -8,6 +8,9 @@
     python generate.py --checkpoint ckpt.pt --interpolate --num-steps 10
     python generate.py --checkpoint ckpt.pt --interpolate-real 0 1      # between test digits
     python generate.py --checkpoint ckpt.pt --chain                     # the reverse process
+    python generate.py --checkpoint cond.pt --digit 7                   # only 7s (--conditional)
+    python generate.py --checkpoint cond.pt --digit 0-9 --guidance 0 1 2 4 8   # guidance strip
+    python generate.py --checkpoint cond.pt --interpolate-digits 3 8    # a 3 turning into an 8
 
 Pictures go to outputs/ under names that are never reused (samples.png, samples-2.png, ...)
 unless --output names the file. From Python (see README, "Use it from Python"):
@@ -28,6 +31,37 @@ from config import (Config, ConfigError, OneLineArgumentParser, add_config_argum
 
 EVAL_DEFAULT_SAMPLES = 10_000
 DEFAULT_OUTPUT = Path("outputs") / "samples.png"
+GUIDANCE_HELP = ("classifier-free guidance scale W of a --conditional checkpoint: eps = eps_uncond "
+                 "+ W (eps_cond - eps_uncond); 0 = unconditional, 1 = plain conditional, > 1 = "
+                 "guided. TeaPearce's w is W - 1 (his (1+w) eps_c - w eps_u); lucidrains' and "
+                 "diffusers' guidance scale is W itself. Several values: one guidance strip "
+                 "(columns) or one --evaluate each (default: the checkpoint's setting)")
+
+
+def parse_digits(tokens: list[str]) -> list[int]:
+    """['7'] -> [7]; ['0-9'] -> [0, ..., 9]; ['1', '4', '9'] -> [1, 4, 9]. ValueError names
+    the token that is not a digit 0-9 or a range of them."""
+    digits = []
+    for token in tokens:
+        low, _, high = token.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ValueError(f"--digit {token}: expected a digit 0-9, a range such as 0-9, "
+                             f"or a list such as 1 4 9") from None
+        if not (0 <= first <= 9 and 0 <= last <= 9):
+            raise ValueError(f"--digit {token}: digits run from 0 to 9")
+        if first > last:
+            raise ValueError(f"--digit {token}: a range goes up, e.g. {last}-{first}")
+        digits += range(first, last + 1)
+    return digits
+
+
+def digit_labels(digits: list[int], count: int):
+    """The class of each of `count` images: image i draws digits[i mod len(digits)]."""
+    import torch
+
+    return torch.tensor(digits, dtype=torch.long).repeat(-(-count // len(digits)))[:count]
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -41,7 +75,7 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--num-samples", type=int, metavar="N",
                    help=f"digits to draw (default: 64; {EVAL_DEFAULT_SAMPLES} with --evaluate)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise; image i depends only "
-                                                        "on (seed, i) (default: 0)")
+                                                        "on (seed, i) and its digit (default: 0)")
     p.add_argument("--batch-size", type=int, default=500, metavar="N",
                    help="images per network call; changes speed, not the images (default: 500)")
     p.add_argument("--steps", type=int, metavar="N",
@@ -58,19 +92,34 @@ def build_parser() -> OneLineArgumentParser:
                                         "(interpolation always decodes with DDIM, eta 0)",
                              "PRECISION": "sampling precision (auto = bf16 on CUDA)",
                              "OUTPUT_DIR": "where --evaluate writes its JSON"})
+    p.add_argument("--digit", nargs="+", metavar="D",
+                   help="draw only these digits (a --conditional checkpoint): 7, a range 0-9 or "
+                        "a list 1 4 9; several digits make one row each (default: 0-9 for a "
+                        "conditional checkpoint, random digits otherwise)")
+    p.add_argument("--guidance", type=float, nargs="+", metavar="W", help=GUIDANCE_HELP)
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="guidance rescaling of Lin et al. 2023 (0 = off, 0.7 in their paper); "
+                        "see the README's guidance sweep before using it (default: 0)")
     p.add_argument("--raw-weights", action="store_true",
                    help="sample with the raw weights instead of their EMA (for comparison)")
     p.add_argument("--save-npz", metavar="PATH",
-                   help="also save the digits as uint8 (N, 28, 28) under key 'samples'")
+                   help="also save the digits as uint8 (N, 28, 28) under key 'samples' (and, "
+                        "for a conditional checkpoint, the digit each was drawn for under "
+                        "'labels')")
     p.add_argument("--evaluate", action="store_true",
-                   help="score the samples (FID, coverage, confidence) against the MNIST test "
-                        "set; JSON goes to --output-dir")
+                   help="score the samples (FID, coverage, confidence; for a conditional "
+                        "checkpoint 1,000 of each digit and the share classified as the digit "
+                        "asked for) against the MNIST test set; JSON goes to --output-dir")
     p.add_argument("--evaluate-npz", metavar="PATH",
-                   help="score an existing .npz of digits (key 'samples', uint8 (N, 28, 28))")
+                   help="score an existing .npz of digits (key 'samples', uint8 (N, 28, 28); "
+                        "optional 'labels', the digits asked for, adds the conditional accuracy)")
     p.add_argument("--interpolate", action="store_true",
                    help="decode a spherical path between pairs of noise vectors")
     p.add_argument("--interpolate-real", type=int, nargs=2, metavar=("I", "J"),
                    help="interpolate between MNIST test digits I and J, inverted to noise by DDIM")
+    p.add_argument("--interpolate-digits", type=int, nargs=2, metavar=("A", "B"),
+                   help="a --conditional checkpoint's digit A turning into B at fixed noise "
+                        "(the class embedding interpolated), one row per --pairs")
     p.add_argument("--num-steps", type=int, default=10, metavar="K",
                    help="images along each interpolation (default: 10)")
     p.add_argument("--pairs", type=int, default=6, help="interpolation rows (default: 6)")
@@ -94,6 +143,20 @@ def check_args(args, parser) -> None:
         parser.error(f"--eta must be >= 0, got {args.ETA}")
     if args.output and Path(args.output).suffix.lower() != ".png":
         parser.error(f"--output must be a .png path, got {args.output}")
+    if args.digit is not None:
+        try:
+            args.digit = parse_digits(args.digit)
+        except ValueError as error:
+            parser.error(str(error))
+    for digit in args.interpolate_digits or ():
+        if not 0 <= digit <= 9:
+            parser.error(f"--interpolate-digits {digit}: digits run from 0 to 9")
+    for w in args.guidance or ():
+        if not w >= 0:
+            parser.error(f"--guidance must be >= 0 (0 = unconditional, 1 = plain conditional, "
+                         f"> 1 = guided), got {w:g}")
+    if not 0 <= args.guidance_rescale <= 1:
+        parser.error(f"--guidance-rescale must lie in [0, 1], got {args.guidance_rescale:g}")
 
 
 def main(argv=None) -> int:
@@ -140,6 +203,8 @@ class NpzError(ValueError):
 
 
 def load_npz(path):
+    """(samples uint8 (N, 28, 28), labels (N,) or None) from an .npz with 'samples' and,
+    optionally, 'labels': the digit each sample was drawn for (conditional accuracy)."""
     import numpy as np
     import torch
 
@@ -149,6 +214,7 @@ def load_npz(path):
                 raise NpzError(f"--evaluate-npz {path} has no 'samples' array "
                                f"(keys: {', '.join(data.files) or 'none'})")
             samples = data["samples"]
+            labels = data["labels"] if "labels" in data else None
     except FileNotFoundError:
         raise NpzError(f"--evaluate-npz {path} does not exist") from None
     except (OSError, ValueError) as error:
@@ -161,7 +227,14 @@ def load_npz(path):
     if len(samples) == 0:
         raise NpzError(f"--evaluate-npz {path} holds no samples (N = 0); evaluation needs "
                        f"at least one")
-    return torch.from_numpy(samples)
+    if labels is not None:
+        if (labels.shape != (len(samples),) or not np.issubdtype(labels.dtype, np.integer)
+                or labels.min() < 0 or labels.max() > 9):
+            raise NpzError(f"--evaluate-npz {path}: 'labels' must be N = {len(samples)} "
+                           f"integers 0-9 (the digit each sample was drawn for), got "
+                           f"{labels.dtype} {labels.shape}")
+        labels = torch.from_numpy(labels.astype(np.int64))
+    return torch.from_numpy(samples), labels
 
 
 # ----- the functions to call from Python -----
@@ -187,27 +260,99 @@ def _sampling_settings(model, sampler, steps, eta) -> dict:
                 spacing=config.SPACING)
 
 
+def _check_conditional(model, what: str) -> None:
+    if not model.conditional:
+        raise ConfigError(f"{what} needs a class-conditional checkpoint; this one was trained "
+                          f"without --conditional and draws random digits only (train one "
+                          f"with: python main.py --conditional)")
+
+
+def _guidance(model, guidance) -> float:
+    config = getattr(model, "config", None) or Config()
+    return config.GUIDANCE if guidance is None else guidance
+
+
+def by_digit(images, digits: list[int] | None, limit: int | None = None):
+    """The picture of images drawn with `digit_labels(digits, N)`: (images, row length).
+    Several digits: one row per digit (at most `limit` images each). Otherwise the first
+    limit^2 images in a square-ish grid at most 10 wide."""
+    k = len(digits or ())
+    if k <= 1:
+        shown = images if limit is None else images[:limit ** 2]
+        return shown, max(1, min(10, int(len(shown) ** 0.5)))
+    per_digit = len(images) // k
+    if per_digit == 0:
+        return images, len(images)
+    rows = images[:per_digit * k].reshape(per_digit, k, *images.shape[1:]).transpose(0, 1)
+    rows = rows[:, :limit] if limit else rows
+    return rows.flatten(0, 1), rows.shape[1]
+
+
 def generate_images(model, num_samples: int, device=None, save_path=None,
                     show_images: bool = True, sampler: str | None = None,
                     steps: int | None = None, eta: float | None = None, seed: int = 0,
-                    batch_size: int = 500, precision: str = "fp32", progress: bool = True):
+                    batch_size: int = 500, precision: str = "fp32", progress: bool = True,
+                    digits: list[int] | None = None, guidance: float | None = None,
+                    guidance_rescale: float = 0.0):
     """Draw `num_samples` digits: a (N, 1, 28, 28) tensor in [-1, 1], on the CPU.
 
     Sampler, steps and eta default to the checkpoint's settings; image i depends only on
-    (seed, i). save_path writes a PNG grid; show_images draws the grid where a display
-    exists (a notebook, a desktop) and does nothing on a headless machine."""
+    (seed, i) (and on its digit). digits (a conditional checkpoint): image i draws
+    digits[i mod len(digits)], with classifier-free guidance of scale `guidance`
+    (default: the checkpoint's); the PNG then has one row per digit. save_path writes
+    a PNG grid; show_images draws the grid where a display exists (a notebook, a
+    desktop) and does nothing on a headless machine."""
     from utils.visualization import display_available, plot_images, save_images
 
     if device is not None:
         model = model.to(device)
+    labels = None
+    if digits:
+        _check_conditional(model, "digits")
+        labels = digit_labels(digits, num_samples)
     images = model.generate(num_samples, batch_size=batch_size, progress=progress, seed=seed,
-                            precision=precision,
+                            precision=precision, labels=labels,
+                            guidance=_guidance(model, guidance), guidance_rescale=guidance_rescale,
                             **_sampling_settings(model, sampler, steps, eta)).cpu()
-    nrow = max(1, min(10, int(num_samples ** 0.5)))
+    shown, nrow = by_digit(images, digits)
     if save_path is not None:
-        save_images(images, save_path, nrow=nrow)
+        save_images(shown, save_path, nrow=nrow)
     if show_images and display_available():
-        plot_images(images, f"{num_samples} samples", nrow=nrow, show=True)
+        plot_images(shown, f"{num_samples} samples", nrow=nrow, show=True)
+    return images
+
+
+def generate_class_interpolation(model, first: int, last: int, num_steps: int = 10,
+                                 device=None, save_path=None, pairs: int = 1, seed: int = 0,
+                                 guidance: float | None = None, steps: int | None = None,
+                                 precision: str = "fp32"):
+    """Digit `first` turning into digit `last` at fixed noise (a conditional checkpoint):
+    column k is sampled with the class embedding (1 - a) e_first + a e_last, a = k/(K-1),
+    deterministically (the checkpoint's sampler with eta 0; DPM-Solver++ for ddpm), with
+    classifier-free guidance. Returns (pairs, num_steps, 1, 28, 28) in [-1, 1] on the
+    CPU; row r uses the noise of image r under `seed`."""
+    import torch
+
+    from utils.visualization import save_images
+
+    _check_conditional(model, "interpolating between digits")
+    if device is not None:
+        model = model.to(device)
+    settings = _sampling_settings(model, None, steps, 0.0)
+    if settings["sampler"] == "ddpm":
+        settings.update(sampler="dpm-solver", steps=min(20, model.timesteps))
+    device = model.scheduler.betas.device
+    columns = []
+    for a in torch.linspace(0, 1, num_steps).tolist():
+        weights = torch.zeros(pairs, model.num_classes + 1, device=device)
+        weights[:, first] += 1 - a
+        weights[:, last] += a
+        columns.append(model.sample((pairs, *model.image_shape), seed=seed, labels=weights,
+                                    guidance=_guidance(model, guidance), precision=precision,
+                                    **settings).cpu())
+    images = torch.stack(columns, dim=1)
+    if save_path is not None:
+        save_images(images.flatten(0, 1), save_path, nrow=num_steps)
     return images
 
 
@@ -240,10 +385,14 @@ def picture_paths(args) -> dict[str, Path]:
     """Where each requested picture goes. One picture asked for: --output is its path.
     Several: --output is the grid's and the others take its name plus a suffix. No
     --output: outputs/samples*.png, numbered so that no existing file is overwritten."""
-    special = args.interpolate or args.interpolate_real or args.chain or args.forward
+    strip = len(args.guidance or ()) > 1  # several guidance scales: a strip, not a grid
+    special = (args.interpolate or args.interpolate_real or args.interpolate_digits
+               or args.chain or args.forward or strip)
     kinds = [kind for kind, wanted in (
-        ("grid", not special or args.save_npz or args.evaluate),
+        ("grid", (not special or args.save_npz or args.evaluate) and not strip),
+        ("guidance", strip),
         ("interpolation", args.interpolate), ("interpolation_real", args.interpolate_real),
+        ("interpolation_digits", args.interpolate_digits),
         ("chain", args.chain), ("forward", args.forward)) if wanted]
 
     def named(base: Path) -> dict[str, Path]:
@@ -251,9 +400,12 @@ def picture_paths(args) -> dict[str, Path]:
             paths = {kinds[0]: base}
         else:
             suffix = {"grid": "", "interpolation": "_interpolation", "chain": "_chain",
-                      "forward": "_forward", "interpolation_real": "_interpolation_real_{}_{}"}
-            paths = {kind: base.with_name(base.stem + suffix[kind].format(
-                *(args.interpolate_real or ())) + ".png") for kind in kinds}
+                      "forward": "_forward", "guidance": "_guidance",
+                      "interpolation_real": "_interpolation_real_{}_{}".format(
+                          *(args.interpolate_real or (0, 0))),
+                      "interpolation_digits": "_digits_{}_to_{}".format(
+                          *(args.interpolate_digits or (0, 0)))}
+            paths = {kind: base.with_name(base.stem + suffix[kind] + ".png") for kind in kinds}
         if "chain" in paths:
             paths["chain_gif"] = paths["chain"].with_suffix(".gif")
         return paths
@@ -290,8 +442,9 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
 
     progress = not args.quiet and dist.is_main()
     paths = picture_paths(args)
-    if not dist.is_main() and "grid" not in paths:
-        return 0  # only the sample grid's digits are split between processes
+    sweep = args.evaluate and len(args.guidance or ()) > 1  # one evaluation per guidance
+    if not dist.is_main() and "grid" not in paths and not sweep:
+        return 0  # only the sample grid's and the evaluations' digits are split
     data_dir = overrides.get("DATA_DIR", Config.DATA_DIR)
     download = overrides.get("DOWNLOAD", Config.DOWNLOAD)
 
@@ -304,8 +457,8 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
         return load_mnist(data_dir, train=False, download=download)[0]
 
     if args.evaluate_npz and dist.is_main():
-        samples = load_npz(args.evaluate_npz)
-        result = evaluator().evaluate(samples)
+        samples, labels = load_npz(args.evaluate_npz)
+        result = evaluator().evaluate(samples, labels=labels)
         result["source"] = str(args.evaluate_npz)
         path = save_json(result, unused(out_dir / f"eval_{Path(args.evaluate_npz).stem}.json"))
         print(format_report(result, f"{args.evaluate_npz}:"))
@@ -335,37 +488,100 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
           f"{device} ({precision}){', raw weights' if args.raw_weights else ''}")
     written = []
 
-    if "grid" in paths:
-        count = args.num_samples or (EVAL_DEFAULT_SAMPLES if args.evaluate else 64)
-        start = time.perf_counter()
-        part = dist.local_slice(count)  # under torchrun each process draws its share
+    digits, guidances = args.digit, args.guidance or [config.GUIDANCE]
+    if digits or args.guidance is not None or args.interpolate_digits:
+        what = ("--digit" if digits else "--guidance" if args.guidance is not None
+                else "--interpolate-digits")
+        if not config.CONDITIONAL:
+            raise ConfigError(f"{what} needs a class-conditional checkpoint; {args.checkpoint} "
+                              f"was trained without --conditional and draws random digits only "
+                              f"(train one with: python main.py --conditional)")
+    if config.CONDITIONAL:
+        digits = digits or list(range(10))
+        print(f"class-conditional: digits {format_digits(digits)}, guidance "
+              f"{', '.join(f'{w:g}' for w in guidances)} (eps_u + W (eps_c - eps_u))"
+              + (f", rescaled {args.guidance_rescale:g}" if args.guidance_rescale else ""))
+    if args.save_npz and len(guidances) > 1:
+        raise ConfigError("--save-npz takes one --guidance value")
+
+    def draw(count: int, guidance: float):
+        """Images 0 .. count-1 (this process's share under torchrun), on rank 0."""
+        part = dist.local_slice(count)
+        labels = digit_labels(digits, count)[part] if digits else None
         images = model.generate(part.stop - part.start, first_index=part.start,
-                                batch_size=args.batch_size, progress=progress,
+                                batch_size=args.batch_size, progress=progress, labels=labels,
+                                guidance=guidance, guidance_rescale=args.guidance_rescale,
                                 **sample_kwargs).cpu()
-        images = dist.gather_to_rank0(images)
-        seconds = time.perf_counter() - start
+        return dist.gather_to_rank0(images)
+
+    def score(images, seconds: float, guidance: float) -> dict:
+        labels = digit_labels(digits, len(images)) if digits else None
+        result = evaluator_once().evaluate(images, labels=labels)
+        result.update(checkpoint=str(args.checkpoint), sampler=label, seed=args.seed,
+                      sampling_seconds=seconds, device=device, sampling_precision=precision,
+                      raw_weights=args.raw_weights)
+        name = f"eval_{Path(args.checkpoint).stem}_{label}"
+        if digits:
+            result.update(guidance=guidance, guidance_rescale=args.guidance_rescale,
+                          digits=digits)
+            name += f"_w{guidance:g}" + (f"_rescale{args.guidance_rescale:g}"
+                                         if args.guidance_rescale else "")
+        name += f"{'_raw' if args.raw_weights else ''}_n{len(images)}.json"
+        written.append(save_json(result, unused(out_dir / name)))
+        print(format_report(result, f"{args.checkpoint} ({label}):"))
+        return result
+
+    cache = {}
+
+    def evaluator_once():
+        if "evaluator" not in cache:
+            cache["evaluator"] = evaluator()
+        return cache["evaluator"]
+
+    if "grid" in paths or sweep:
+        default = EVAL_DEFAULT_SAMPLES if args.evaluate else (10 * len(digits) if digits and
+                                                              len(digits) > 1 else 64)
+        count = args.num_samples or default
+        results = []
+        for guidance in guidances:
+            start = time.perf_counter()
+            images = draw(count, guidance)
+            seconds = time.perf_counter() - start
+            if not dist.is_main():
+                continue  # rank 0 writes and scores
+            print(f"sampled {count} digits in {seconds:.1f} s ({count / seconds:.3g} images/s)"
+                  + (f" at guidance {guidance:g}" if digits else ""))
+            if "grid" in paths:
+                shown, nrow = by_digit(images, digits, limit=10)
+                written.append(save_images(shown, paths["grid"], nrow=nrow))
+            if args.save_npz:
+                import numpy as np
+
+                npz = Path(args.save_npz)
+                npz.parent.mkdir(parents=True, exist_ok=True)
+                arrays = dict(samples=to_uint8(images.cpu()).numpy())
+                if digits:
+                    arrays["labels"] = digit_labels(digits, count).numpy().astype(np.uint8)
+                np.savez_compressed(npz, **arrays)
+                written.append(npz)
+            if args.evaluate:
+                results.append(score(images, seconds, guidance))
         if not dist.is_main():
-            return 0  # rank 0 writes and scores; every other picture is rank 0's too
-        print(f"sampled {count} digits in {seconds:.1f} s ({count / seconds:.3g} images/s)")
-        shown = images[:min(count, 100)]
-        written.append(save_images(shown, paths["grid"], nrow=max(1, min(10, int(len(shown) ** 0.5)))))
-        if args.save_npz:
-            import numpy as np
+            return 0  # every other picture is rank 0's
+        if len(results) > 1:
+            print(format_sweep(results))
+    elif not dist.is_main():
+        return 0
 
-            npz = Path(args.save_npz)
-            npz.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(npz, samples=to_uint8(images.cpu()).numpy())
-            written.append(npz)
-        if args.evaluate:
-            result = evaluator().evaluate(images)
-            result.update(checkpoint=str(args.checkpoint), sampler=label, seed=args.seed,
-                          sampling_seconds=seconds, device=device, sampling_precision=precision,
-                          raw_weights=args.raw_weights)
-            name = (f"eval_{Path(args.checkpoint).stem}_{label}"
-                    f"{'_raw' if args.raw_weights else ''}_n{count}.json")
-            written.append(save_json(result, unused(out_dir / name)))
-            print(format_report(result, f"{args.checkpoint} ({label}):"))
-
+    if "guidance" in paths:
+        written.append(guidance_strip(model, digits, guidances, args, sample_kwargs,
+                                      paths["guidance"]))
+    if args.interpolate_digits:
+        written.append(paths["interpolation_digits"])
+        generate_class_interpolation(model, *args.interpolate_digits, args.num_steps,
+                                     save_path=paths["interpolation_digits"], pairs=args.pairs,
+                                     seed=args.seed, guidance=guidances[0],
+                                     steps=args.steps, precision=precision)
     if args.interpolate or args.interpolate_real:
         written += interpolate(args, model, steps if sampler != "ddpm" else 50, precision,
                                paths, test_digits)
@@ -387,6 +603,38 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     if args.show and written:
         show(written[0])
     return 0
+
+
+def format_digits(digits: list[int]) -> str:
+    return "0-9" if digits == list(range(10)) else " ".join(map(str, digits))
+
+
+def format_sweep(results: list[dict]) -> str:
+    """One line per guidance scale: the table the README's guidance sweep shows."""
+    lines = [f"{'guidance':>9} {'FID':>8} {'asked-for':>10} {'p > 0.9':>8} {'classes':>13}"]
+    for r in results:
+        lines.append(f"{r['guidance']:>9g} {r['fid']:>8.2f} {r['conditional_accuracy']:>10.2%} "
+                     f"{r['confident_fraction']:>8.1%} "
+                     f"{100 * r['min_class_fraction']:>5.1f}-{100 * r['max_class_fraction']:.1f}%")
+    return "\n".join(lines)
+
+
+def guidance_strip(model, digits: list[int], guidances: list[float], args, sample_kwargs: dict,
+                   path: Path) -> Path:
+    """What guidance does: row r draws digit digits[r] from the noise of image r, once per
+    guidance scale (the columns); a digit listed twice gets two rows of different noise."""
+    import torch
+
+    from utils.visualization import save_labelled_grid
+
+    labels = torch.tensor(digits)
+    columns = [model.sample((len(digits), *model.image_shape), labels=labels, guidance=w,
+                            guidance_rescale=args.guidance_rescale, **sample_kwargs).cpu()
+               for w in guidances]
+    images = torch.stack(columns, dim=1).flatten(0, 1)
+    return save_labelled_grid(images, path, len(guidances), [f"W={w:g}" for w in guidances],
+                              "classifier-free guidance: eps_u + W (eps_c - eps_u)",
+                              row_labels=[str(d) for d in digits])
 
 
 def interpolate(args, model, steps, precision, paths, test_digits) -> list[Path]:

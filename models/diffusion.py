@@ -1,7 +1,8 @@
 """DiffusionModel: the UNet plus the noise schedule, with training loss and sampling.
 
 The schedule's tables live in `NoiseScheduler` (utils/noise_scheduler.py) and the
-sampling algorithms in `models/samplers.py`; this class wires them to the network.
+sampling algorithms in `models/samplers.py`; this class wires them to the network,
+including classifier-free guidance for class-conditional models (`denoiser`).
 """
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ from models.unet import UNet
 from utils.noise_scheduler import NoiseScheduler
 from utils.seeding import PerSampleNoise
 
+NUM_CLASSES = 10  # the digits 0-9, for class-conditional models
+
 
 class DiffusionModel(nn.Module):
     """A DDPM (Ho et al. 2020) on a UNet.
 
     Args mirror Config: timesteps, beta_start, beta_end and schedule_type build the
     NoiseScheduler; in_channels .. dropout build the UNet; prediction is what the
-    network outputs ('eps' or 'v'); loss_weighting is 'none' or 'min-snr'.
+    network outputs ('eps' or 'v'); loss_weighting is 'none' or 'min-snr'; num_classes > 0
+    makes the network class-conditional (labels num_classes, or None, mean "no class").
     """
 
     def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -30,11 +34,13 @@ class DiffusionModel(nn.Module):
                  schedule_type: str = "linear", channel_mult: tuple = (1, 2, 2),
                  num_res_blocks: int = 2, attention: bool = True, dropout: float = 0.0,
                  image_size: int = 28, prediction: str = "eps", loss_weighting: str = "none",
-                 clip_x0: bool = True, patch_size: int = 1):
+                 clip_x0: bool = True, patch_size: int = 1, num_classes: int = 0):
         super().__init__()
         self.scheduler = NoiseScheduler(timesteps, beta_start, beta_end, schedule_type)
         self.unet = UNet(in_channels, model_channels, time_embed_dim, tuple(channel_mult),
-                         num_res_blocks, attention, dropout, patch_size=patch_size)
+                         num_res_blocks, attention, dropout, patch_size=patch_size,
+                         num_classes=num_classes)
+        self.num_classes = num_classes
         self.image_shape = (in_channels, image_size, image_size)
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {prediction!r}; expected one of eps, v")
@@ -51,7 +57,8 @@ class DiffusionModel(nn.Module):
                    num_res_blocks=config.NUM_RES_BLOCKS, attention=config.ATTENTION,
                    dropout=config.DROPOUT, image_size=config.IMAGE_SIZE,
                    prediction=config.PREDICTION, loss_weighting=config.LOSS_WEIGHTING,
-                   patch_size=config.PATCH_SIZE)
+                   patch_size=config.PATCH_SIZE,
+                   num_classes=NUM_CLASSES if config.CONDITIONAL else 0)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", ema: bool = True):
@@ -77,33 +84,43 @@ class DiffusionModel(nn.Module):
     def timesteps(self) -> int:
         return self.scheduler.timesteps
 
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def null_label(self) -> int:
+        """The "no class" token of a conditional model."""
+        return self.num_classes
+
     # ----- training -----
     def forward_diffusion(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t ~ q(x_t | x_0); returns (x_t, noise)."""
         return self.scheduler.add_noise(x0, t, noise)
 
-    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise x0 to level t and run the network: returns (network output, noise)."""
         xt, noise = self.forward_diffusion(x0, t, noise)
-        return self.unet(xt, t), noise
+        return self.unet(xt, t, labels), noise
 
     def compute_loss(self, x0: torch.Tensor, t: torch.Tensor | None = None,
                      noise: torch.Tensor | None = None,
                      generator: torch.Generator | None = None, reduction: str = "mean",
-                     forward=None) -> torch.Tensor:
+                     forward=None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean squared error between the network output and its target (the noise for
         eps-prediction, DDPM eq. 14), weighted per timestep if loss_weighting asks.
 
         reduction 'mean' averages over the batch; 'none' returns the (B,) per-image
         losses. forward: the module to run instead of self (a DistributedDataParallel
-        wrapper of it, whose gradient hooks then fire)."""
+        wrapper of it, whose gradient hooks then fire). labels: the (B,) classes of a
+        conditional model, null_label where the class is dropped."""
         if t is None:
             t = self.scheduler.sample_timesteps(x0.shape[0], x0.device, generator)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        output, noise = (forward or self)(x0, t, noise)
+        output, noise = (forward or self)(x0, t, noise, labels)
         target = self.scheduler.training_target(x0, noise, t, self.prediction)
         assert output.shape == target.shape, (output.shape, target.shape)
         per_image = (output.float() - target).square().mean(dim=tuple(range(1, x0.dim())))
@@ -131,30 +148,82 @@ class DiffusionModel(nn.Module):
             noise = torch.randn_like(xt)
         return samplers.ddpm_step(self.scheduler, xt, t, x0, noise)
 
-    def denoiser(self, precision: str = "fp32"):
-        """The network as a sampler's `denoiser(x, t)`, under bf16 autocast if asked."""
-        def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoiser(self, precision: str = "fp32", labels: torch.Tensor | None = None,
+                 guidance: float = 1.0, rescale: float = 0.0):
+        """The network as a sampler's `denoiser(x, t)`, under bf16 autocast if asked.
+
+        With `labels` (a conditional model; (B,) digits or (B, num_classes + 1) class
+        weights), classifier-free guidance (Ho & Salimans 2022) with scale W = `guidance`:
+
+            out = out_u + W (out_c - out_u),
+
+        out_c the output for the labels and out_u for "no class", both from one network
+        call on the doubled batch. W = 0 is the unconditional model, W = 1 the plain
+        conditional one (each then needs only its own half, one call on B images), W > 1
+        pushes further towards the class. The raw outputs are mixed: for eps and v alike
+        that is the guided eps, since both are affine in eps at a fixed x_t.
+        `rescale` phi (Lin et al. 2023, eq. 15-16) pulls each guided image's standard
+        deviation back towards the conditional output's, against oversaturation:
+
+            out = phi * out * std(out_c) / std(out) + (1 - phi) * out.
+        """
+        def network(x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
             context = (torch.autocast(x.device.type, dtype=torch.bfloat16)
                        if precision == "bf16" else contextlib.nullcontext())
             with context:
-                return self.unet(x, t)
-        return run
+                return self.unet(x, t, y).float() if precision == "bf16" else self.unet(x, t, y)
+
+        if labels is None:
+            return lambda x, t: network(x, t, None)
+        if not self.conditional:
+            raise ValueError("this model has no classes: it was trained without --conditional")
+        null = self.null_labels_like(labels)
+        if guidance == 0:
+            return lambda x, t: network(x, t, null)
+        if guidance == 1:
+            return lambda x, t: network(x, t, labels)
+        both = torch.cat([labels, null])
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out_c, out_u = network(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            out = out_u + guidance * (out_c - out_u)
+            if rescale:
+                dims = tuple(range(1, x.dim()))
+                ratio = out_c.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True)
+                out = rescale * out * ratio + (1 - rescale) * out
+            return out
+        return guided
+
+    def null_labels_like(self, labels: torch.Tensor) -> torch.Tensor:
+        """"No class" in the form of `labels`: the null token, or one-hot weights on it."""
+        if labels.is_floating_point():
+            null = torch.zeros_like(labels)
+            null[:, self.null_label] = 1
+            return null
+        return torch.full_like(labels, self.null_label)
 
     @torch.no_grad()
     def sample(self, shape: tuple, device=None, sampler: str = "ddpm", steps: int | None = None,
                eta: float = 0.0, seed: int = 0, first_index: int = 0, precision: str = "fp32",
-               spacing: str = "auto", callback=None, progress: bool = False) -> torch.Tensor:
+               spacing: str = "auto", callback=None, progress: bool = False,
+               labels: torch.Tensor | None = None, guidance: float = 1.0,
+               guidance_rescale: float = 0.0) -> torch.Tensor:
         """Draw shape[0] images in [-1, 1]; by default with full T-step ancestral DDPM.
 
         Image k uses the noise of index first_index + k under `seed`, whatever the batch.
+        labels (conditional models): the class of each image (see `denoiser`), sampled
+        with classifier-free guidance of scale `guidance`; None draws unconditionally.
         """
         device = self.scheduler.betas.device if device is None else torch.device(device)
         indices = range(first_index, first_index + shape[0])
         noise = PerSampleNoise(seed, indices, tuple(shape[1:]), device)
+        if labels is not None:
+            labels = labels.to(device)
+        denoiser = self.denoiser(precision, labels, guidance, guidance_rescale)
         was_training = self.training
         self.eval()
         try:
-            x = samplers.sample(self.denoiser(precision), self.scheduler, noise.initial(), sampler,
+            x = samplers.sample(denoiser, self.scheduler, noise.initial(), sampler,
                                 steps, eta, noise, self.prediction, self.clip_x0, callback,
                                 progress, None if spacing == "auto" else spacing)
         finally:
@@ -163,16 +232,21 @@ class DiffusionModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, num_samples: int, batch_size: int = 500, progress: bool = True,
-                 first_index: int = 0, **sample_kwargs) -> torch.Tensor:
+                 first_index: int = 0, labels: torch.Tensor | None = None,
+                 **sample_kwargs) -> torch.Tensor:
         """Images first_index .. first_index + num_samples - 1 in [-1, 1] on the model's
         device, in batches, with a progress bar; image i is the same for every batch_size
-        (and for every split of the indices between processes)."""
+        (and for every split of the indices between processes). labels: the num_samples
+        classes of a conditional model (guidance and the rest go to `sample`)."""
+        if labels is not None and len(labels) != num_samples:
+            raise ValueError(f"{len(labels)} labels for {num_samples} samples")
         images = []
         bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
         for start in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - start)
+            part = None if labels is None else labels[start:start + count]
             images.append(self.sample((count, *self.image_shape), first_index=first_index + start,
-                                      **sample_kwargs))
+                                      labels=part, **sample_kwargs))
             bar.update(count)
         bar.close()
         if not images:

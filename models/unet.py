@@ -1,10 +1,16 @@
-"""A small UNet for 28x28 digits: 28 -> 14 -> 7 and back, conditioned on the timestep.
+"""A small UNet for 28x28 digits: 28 -> 14 -> 7 and back, conditioned on the timestep
+and, if built with classes, on the digit's class.
 
 Residual blocks with GroupNorm and SiLU take the timestep embedding as a scale and
 shift of their second normalisation (improved-diffusion's use_scale_shift_norm);
 self-attention runs at the lowest resolution. The last convolution of every
 residual branch, of attention and of the output is zero-initialised, so each
 block starts as the identity and the untrained network predicts zero noise.
+
+A class-conditional UNet (num_classes > 0) adds a learned class embedding to the
+timestep embedding (as in Ho & Salimans 2022); the extra last row is the "no class"
+token that classifier-free guidance needs for the unconditional prediction. It starts
+at zero, so a new conditional network begins as an unconditional one.
 """
 from __future__ import annotations
 
@@ -162,23 +168,32 @@ class UNet(nn.Module):
     a DownBlock per resolution above the lowest, a middle of ResBlock, attention and
     ResBlock at the lowest, and an UpBlock per DownBlock on the way back.
 
-    forward(x: (B, C, H, W), timesteps: (B,)) -> predicted noise, (B, C, H, W).
+    forward(x: (B, C, H, W), timesteps: (B,), labels=None) -> predicted noise, (B, C, H, W).
+    labels (class-conditional networks only): (B,) class indices, num_classes meaning "no
+    class" (also what None means), or (B, num_classes + 1) weights that mix the class
+    embeddings (a weighted sum, to interpolate between classes).
     """
 
     def __init__(self, in_channels: int = 1, model_channels: int = 64, time_embed_dim: int = 256,
                  channel_mult: tuple = (1, 2, 2), num_res_blocks: int = 2,
                  attention: bool = True, dropout: float = 0.0, num_heads: int = 4,
-                 patch_size: int = 1):
+                 patch_size: int = 1, num_classes: int = 0):
         super().__init__()
         widths = [model_channels * m for m in channel_mult]
         self.in_channels = in_channels
         self.patch_size = patch_size
+        self.num_classes = num_classes
         self.time_embed = nn.Sequential(
             TimeEmbedding(model_channels),
             nn.Linear(model_channels, time_embed_dim),
             nn.SiLU(),
             nn.Linear(time_embed_dim, time_embed_dim),
         )
+        # rows 0 .. num_classes - 1: the classes; row num_classes: "no class"
+        self.class_embed = (nn.Embedding(num_classes + 1, time_embed_dim) if num_classes
+                            else None)
+        if self.class_embed is not None:
+            nn.init.zeros_(self.class_embed.weight)
         # patch_size p > 1 folds p x p pixels into channels first (pixel_unshuffle), so the
         # network starts at 28/p resolution: much cheaper, for small CPU models.
         self.input_conv = nn.Conv2d(in_channels * patch_size ** 2, widths[0], 3, padding=1)
@@ -200,12 +215,28 @@ class UNet(nn.Module):
                                  _zero(nn.Conv2d(channels, in_channels * patch_size ** 2, 3,
                                                  padding=1)))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def embed_class(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        """The class embedding (B, time_embed_dim) of `labels` (see forward)."""
+        if labels is None:
+            labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        if labels.is_floating_point():
+            assert labels.shape == (batch, self.num_classes + 1), \
+                f"class weights must have shape ({batch}, {self.num_classes + 1}), got {tuple(labels.shape)}"
+            return labels.to(self.class_embed.weight.dtype) @ self.class_embed.weight
+        assert labels.shape == (batch,), f"labels must have shape ({batch},), got {tuple(labels.shape)}"
+        return self.class_embed(labels)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         assert x.dim() == 4 and x.shape[1] == self.in_channels, \
             f"expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
         assert timesteps.shape == (x.shape[0],), \
             f"timesteps must have shape ({x.shape[0]},), got {tuple(timesteps.shape)}"
         emb = self.time_embed(timesteps)
+        if self.class_embed is not None:
+            emb = emb + self.embed_class(labels, x.shape[0], x.device)
+        else:
+            assert labels is None, "this UNet has no classes (built with num_classes=0)"
         if self.patch_size > 1:
             x = F.pixel_unshuffle(x, self.patch_size)
         h = self.input_conv(x)

@@ -20,8 +20,8 @@ def _lrs(trainer, fake_seconds_per_step=None):
     seen, done = [], {"steps": 0}
     step = trainer.train_step
 
-    def recording(x0):
-        out = step(x0)
+    def recording(*batch):
+        out = step(*batch)
         seen.append(trainer.optimizer.param_groups[0]["lr"])
         done["steps"] += 1
         return out
@@ -94,8 +94,8 @@ def test_resume_mid_decay_with_the_power_ema_is_exact(tiny, tmp_path):
     first = Trainer(tiny(CHECKPOINT_DIR=str(tmp_path / "b"), **settings), progress=False, log=quiet)
     step = first.train_step
 
-    def stop_after_four(x0):
-        out = step(x0)
+    def stop_after_four(*batch):
+        out = step(*batch)
         if first.step + 1 == 4:
             first._stop_signal = "SIGINT"
         return out

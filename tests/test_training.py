@@ -184,8 +184,8 @@ def test_non_finite_loss_is_skipped_then_stops_training(tiny, monkeypatch):
     monkeypatch.setattr(trainer.model, "compute_loss", flaky_loss)
     original_step = trainer.train_step
 
-    def watched_step(x0):
-        out = original_step(x0)
+    def watched_step(*batch):
+        out = original_step(*batch)
         if calls["n"] == 3:
             snapshots["after"] = [p.detach().clone() for p in trainer.model.parameters()]
         return out

@@ -81,7 +81,7 @@ def benchmark_training(trainer, warmup_steps: int, timed_steps: int, log=print,
     the card's bf16 peak, and the peak memory of training alone."""
     config, device = trainer.config, trainer.device
     batches = _endless(trainer)
-    flops = flops or training_flops_per_image(trainer, next(batches))
+    flops = flops or training_flops_per_image(trainer, next(batches)[0])
     log(f"benchmark on {device}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M parameters, "
         f"batch {config.BATCH_SIZE}, {trainer.precision}, "
         f"{'compiled' if config.COMPILE else 'eager'}"
@@ -91,14 +91,14 @@ def benchmark_training(trainer, warmup_steps: int, timed_steps: int, log=print,
     _reset_peak(device)
     start = time.perf_counter()
     for _ in range(warmup_steps):
-        trainer.train_step(next(batches))
+        trainer.train_step(*next(batches))
     _sync(device)
     warmup_seconds = time.perf_counter() - start
     start = time.perf_counter()
     images = 0
     for _ in range(timed_steps):
-        x0 = next(batches)
-        trainer.train_step(x0)
+        x0, labels = next(batches)
+        trainer.train_step(x0, labels)
         images += x0.shape[0]
     _sync(device)
     train_seconds = time.perf_counter() - start
@@ -212,5 +212,5 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
 def _endless(trainer):
     epoch = 0
     while True:
-        yield from trainer.batcher.batches(epoch)
+        yield from trainer.batcher.labelled(epoch)  # (images, labels or None)
         epoch += 1

@@ -182,11 +182,15 @@ class InMemoryBatcher:
     Epoch e visits every image exactly once, in an order drawn from (seed, e) alone, so
     a resumed run can skip to any batch of any epoch. Batches come out as float images
     in [-1, 1] of shape (B, 1, 28, 28); the last batch of an epoch may be smaller.
+    With `labels` (the digits' classes), `labelled` yields them beside the images.
     """
 
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int = 0, device="cpu"):
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int = 0, device="cpu",
+                 labels: torch.Tensor | None = None):
         assert images.dtype == torch.uint8 and images.dim() == 3, (images.dtype, images.shape)
+        assert labels is None or labels.shape == images.shape[:1], (labels.shape, images.shape)
         self.images = images.to(device)
+        self.labels = None if labels is None else labels.long().to(device)
         self.batch_size = batch_size
         self.seed = seed
         self.device = torch.device(device)
@@ -199,12 +203,19 @@ class InMemoryBatcher:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.images.shape[0], generator=generator).to(self.device)
 
-    def batches(self, epoch: int, start: int = 0):
-        """Yield the batches of `epoch`, beginning at batch number `start`."""
+    def labelled(self, epoch: int, start: int = 0):
+        """Yield (images, labels) of `epoch` from batch number `start`; labels are None
+        when the batcher was built without them."""
         order = self.order(epoch)
         for i in range(start, len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield normalize_images(self.images[index]).unsqueeze(1)
+            labels = None if self.labels is None else self.labels[index]
+            yield normalize_images(self.images[index]).unsqueeze(1), labels
+
+    def batches(self, epoch: int, start: int = 0):
+        """Yield the batches of `epoch`, beginning at batch number `start`."""
+        for images, _ in self.labelled(epoch, start):
+            yield images
 
 
 class DataLoaderBatcher:
@@ -233,12 +244,18 @@ class DataLoaderBatcher:
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
-    def batches(self, epoch: int, start: int = 0):
+    def labelled(self, epoch: int, start: int = 0):
+        """Yield (images, labels) of `epoch` from batch number `start`."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
         sampler = order[start * self.batch_size:]
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size,
                                              sampler=sampler, num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
-        for images, _ in loader:
-            yield images.to(self.device, non_blocking=True)
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+    def batches(self, epoch: int, start: int = 0):
+        for images, _ in self.labelled(epoch, start):
+            yield images

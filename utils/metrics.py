@@ -4,6 +4,8 @@
   penultimate features of the samples and of the 10,000 MNIST test digits.
 - coverage: histogram of predicted digits and its KL divergence from uniform.
 - confidence: mean top-class probability, and the fraction above 0.9.
+- conditional accuracy (samples drawn for given digits): the share the classifier
+  assigns to the digit asked for, overall and per digit.
 - precision / recall: k-NN manifold estimates in feature space (Kynkaanniemi et al. 2019).
 - memorisation: mean pixel distance from each sample to its nearest training digit,
   beside the same for real test digits.
@@ -64,6 +66,16 @@ def class_coverage(probs: torch.Tensor) -> dict:
     kl = float((hist[nonzero] * torch.log(hist[nonzero] * NUM_CLASSES)).sum())
     return {"class_histogram": [round(float(h), 4) for h in hist], "class_kl": kl,
             "min_class_fraction": float(hist.min()), "max_class_fraction": float(hist.max())}
+
+
+def conditional_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Share of samples whose predicted digit is the one asked for, overall and per digit
+    (None for a digit nobody asked for)."""
+    labels = labels.long().cpu()
+    hit = (probs.argmax(1).cpu() == labels).double()
+    per_class = [float(hit[labels == k].mean()) if (labels == k).any() else None
+                 for k in range(NUM_CLASSES)]
+    return {"conditional_accuracy": float(hit.mean()), "per_class_accuracy": per_class}
 
 
 def confidence(probs: torch.Tensor) -> dict:
@@ -130,7 +142,7 @@ class Evaluator:
         self.progress = progress
         model, self.classifier_info = classifier or load_classifier()
         self.classifier = model.to(self.device).eval()
-        self.train_images, _ = load_mnist(data_dir, train=True, download=download)
+        self.train_images, self.train_labels = load_mnist(data_dir, train=True, download=download)
         self.test_images, _ = load_mnist(data_dir, train=False, download=download)
         self.test_features, _ = predict(self.classifier, self.test_images, progress=progress,
                                         desc="test-set features")
@@ -139,8 +151,10 @@ class Evaluator:
         self.memorisation_count = 2000
 
     def evaluate(self, images: torch.Tensor, floor: bool = True, memorisation: bool = True,
-                 precision_recall_k: int | None = 3) -> dict:
-        """All metrics for `images`, plus the floor for the same count if `floor`."""
+                 precision_recall_k: int | None = 3, labels: torch.Tensor | None = None) -> dict:
+        """All metrics for `images`, plus the floor for the same count if `floor`.
+        labels: the digit each image was drawn for (a conditional model's), which adds
+        the conditional accuracy; its floor is the classifier's on real digits."""
         images = images if images.dtype == torch.uint8 else to_uint8(images.cpu())
         if images.dim() == 4:
             images = images[:, 0]
@@ -151,6 +165,10 @@ class Evaluator:
         result = {"num_samples": len(images),
                   "fid": frechet_distance(mu, sigma, self.test_mu, self.test_sigma),
                   **confidence(probs), **class_coverage(probs)}
+        if labels is not None:
+            if len(labels) != len(images):
+                raise ValueError(f"{len(labels)} labels for {len(images)} images")
+            result.update(conditional_accuracy(probs, labels))
         if precision_recall_k:
             result.update(precision_recall(self.test_features[:len(images)], features,
                                            precision_recall_k))
@@ -160,20 +178,23 @@ class Evaluator:
                 nearest_neighbour_distance(images[:n], self.train_images).mean())
             result["nn_train_distance_count"] = n
         if floor:
-            result["floor"] = self.floor(len(images), memorisation, precision_recall_k)
+            result["floor"] = self.floor(len(images), memorisation, precision_recall_k,
+                                         labels is not None)
         return result
 
-    def floor(self, count: int, memorisation: bool = True, precision_recall_k: int | None = 3
-              ) -> dict:
+    def floor(self, count: int, memorisation: bool = True, precision_recall_k: int | None = 3,
+              labels: bool = False) -> dict:
         """The metrics of `count` real training digits (a fixed random subset) vs the test
-        set; for memorisation, the distance of real *test* digits to the training set."""
-        key = (count, memorisation, precision_recall_k)
+        set; for memorisation, the distance of real *test* digits to the training set;
+        with labels, the classifier's accuracy on those digits' true labels."""
+        key = (count, memorisation, precision_recall_k, labels)
         if key not in self._floors:
             generator = torch.Generator().manual_seed(1234)
             index = torch.randperm(len(self.train_images), generator=generator)[:count]
             real = self.train_images[index]
             floor = self.evaluate(real, floor=False, memorisation=False,
-                                  precision_recall_k=precision_recall_k)
+                                  precision_recall_k=precision_recall_k,
+                                  labels=self.train_labels[index] if labels else None)
             if memorisation:
                 n = min(count, self.memorisation_count)
                 floor["nn_train_distance"] = float(
@@ -224,6 +245,8 @@ def format_report(result: dict, title: str = "") -> str:
         row("classified with p > 0.9", "confident_fraction", ".1%"),
         row("mean confidence", "mean_confidence", ".3f"),
         row("class KL from uniform", "class_kl", ".4f"),
+        row("the digit asked for", "conditional_accuracy", ".2%",
+            f"  (guidance {result['guidance']:g})" if "guidance" in result else ""),
         row("precision (k=3)", "precision", ".3f"),
         row("recall (k=3)", "recall", ".3f"),
         row("nearest-train distance", "nn_train_distance", ".3f",
@@ -232,6 +255,10 @@ def format_report(result: dict, title: str = "") -> str:
     hist = result.get("class_histogram")
     if hist:
         lines.append("  digits 0-9 (%)" + "".join(f"{100 * h:6.1f}" for h in hist))
+    per_class = result.get("per_class_accuracy")
+    if per_class:
+        lines.append("  asked-for digit (%)" + "".join(
+            "     -" if a is None else f"{100 * a:6.1f}" for a in per_class))
     return "\n".join(lines)
 
 

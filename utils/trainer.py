@@ -126,10 +126,11 @@ class Trainer:
                                              self.device, config.TRAIN_SIZE, config.NUM_WORKERS,
                                              config.DOWNLOAD)
         else:
-            images, _ = load_mnist(config.DATA_DIR, train=True, download=config.DOWNLOAD)
+            images, labels = load_mnist(config.DATA_DIR, train=True, download=config.DOWNLOAD)
             if config.TRAIN_SIZE:
-                images = images[:config.TRAIN_SIZE]
-            self.batcher = InMemoryBatcher(images, config.BATCH_SIZE, config.SEED, self.device)
+                images, labels = images[:config.TRAIN_SIZE], labels[:config.TRAIN_SIZE]
+            self.batcher = InMemoryBatcher(images, config.BATCH_SIZE, config.SEED, self.device,
+                                           labels if config.CONDITIONAL else None)
         self.steps_per_epoch = len(self.batcher)
         self.checkpoint_dir = Path(config.CHECKPOINT_DIR)
 
@@ -208,12 +209,16 @@ class Trainer:
         return min(total, self.config.MAX_STEPS) if self.config.MAX_STEPS else total
 
     # ----- one step -----
-    def train_step(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, x0: torch.Tensor, labels: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss, backward, clip, AdamW and EMA update, with no host-device sync.
 
         x0 is the global batch. Its timesteps and noise are drawn for the whole batch from
         the trainer's generator (the same on every process), and this process keeps its
-        slice: with N processes each image gets what it would get in one. The loss is
+        slice: with N processes each image gets what it would get in one. A conditional
+        model gets the labels, each replaced by "no class" with probability CLASS_DROPOUT
+        (drawn after the noise, from the same generator), so that one network learns
+        both the conditional and the unconditional prediction (Ho & Salimans 2022). The loss is
         the batch mean in every case (DDP averages the gradients of N slices, each scaled
         by N). A non-finite loss or gradient norm sets AdamW's found_inf flag, so the
         fused update leaves weights and moments untouched for that step. Returns the
@@ -225,14 +230,17 @@ class Trainer:
         t = self.model.scheduler.sample_timesteps(size, self.device, self.generator,
                                                   self.config.TIMESTEP_SAMPLING)
         noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
+        if self.config.CONDITIONAL:
+            labels = self.drop_labels(labels)
         part = dist.local_slice(size)
         x0, t, noise = x0[part], t[part], noise[part]
+        labels = None if labels is None else labels[part]
         if self.config.CHANNELS_LAST:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.precision == "bf16"):
             per_image = self.model.compute_loss(x0, t, noise, reduction="none",
-                                                forward=self.forward)
+                                                forward=self.forward, labels=labels)
         loss = per_image.sum() / size  # this process's share of the batch mean
         (loss * dist.world_size()).backward()
         loss = dist.all_reduce_sum_(loss.detach())
@@ -245,6 +253,14 @@ class Trainer:
         with torch.no_grad():
             torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_decay_at(self.step))
         return loss, bad
+
+    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The global batch's labels with each replaced by the "no class" token with
+        probability CLASS_DROPOUT (one uniform draw per image from the trainer's generator)."""
+        if labels is None:
+            raise ValueError("a conditional model needs the digits' labels (--conditional)")
+        drop = torch.rand(labels.shape, device=self.device, generator=self.generator)
+        return torch.where(drop < self.config.CLASS_DROPOUT, self.model.null_label, labels)
 
     def estimate_step_seconds(self, repeats: int = 2) -> float:
         """Seconds per optimizer step on this machine, from timing forward and backward on
@@ -312,8 +328,8 @@ class Trainer:
         cfg = self.config
         while self.epoch < cfg.EPOCHS and self.step < self.total_steps and not self.timed_out:
             tick, images_done = self.clock(), 0
-            for x0 in self.batcher.batches(self.epoch, self.batch_in_epoch):
-                loss, bad = self.train_step(x0)
+            for x0, labels in self.batcher.labelled(self.epoch, self.batch_in_epoch):
+                loss, bad = self.train_step(x0, labels)
                 self._pending.append((loss, bad))
                 self.step += 1
                 self.batch_in_epoch += 1
@@ -450,10 +466,20 @@ class Trainer:
         from utils.visualization import save_images
 
         cfg = self.config
+        labels = self.eval_labels(0, cfg.NUM_SAMPLES)  # conditional: column k draws digit k
         images = self.ema.sample((cfg.NUM_SAMPLES, *self.ema.image_shape), sampler=cfg.SAMPLER,
                                  steps=None if cfg.SAMPLER == "ddpm" else cfg.SAMPLING_STEPS,
-                                 eta=cfg.ETA, seed=cfg.SEED, spacing=cfg.SPACING)
-        return save_images(images, path, nrow=max(1, int(math.sqrt(cfg.NUM_SAMPLES))))
+                                 eta=cfg.ETA, seed=cfg.SEED, spacing=cfg.SPACING,
+                                 labels=labels, guidance=cfg.GUIDANCE)
+        nrow = min(10, cfg.NUM_SAMPLES) if labels is not None else int(math.sqrt(cfg.NUM_SAMPLES))
+        return save_images(images, path, nrow=max(1, nrow))
+
+    def eval_labels(self, first: int, count: int) -> torch.Tensor | None:
+        """Classes of images first .. first + count - 1 of a conditional model's grids and
+        evaluations: image i draws digit i mod 10. None for an unconditional model."""
+        if not self.config.CONDITIONAL:
+            return None
+        return torch.arange(first, first + count, device=self.device) % self.model.num_classes
 
     def write_history(self):
         from utils.metrics import save_json
@@ -481,7 +507,9 @@ class Trainer:
         part = dist.local_slice(cfg.EVAL_SAMPLES)  # each process draws its share of the images
         images = self.ema.generate(part.stop - part.start, first_index=part.start,
                                    progress=self.progress, sampler=cfg.SAMPLER, steps=steps,
-                                   eta=cfg.ETA, seed=EVAL_SEED, spacing=cfg.SPACING)
+                                   eta=cfg.ETA, seed=EVAL_SEED, spacing=cfg.SPACING,
+                                   labels=self.eval_labels(part.start, part.stop - part.start),
+                                   guidance=cfg.GUIDANCE)
         images = dist.gather_to_rank0(images.cpu())
         record = dist.broadcast_object(dist.wait_for_rank0(lambda: self._score(images, steps)))
         self.evaluations.append(record)
@@ -495,16 +523,22 @@ class Trainer:
 
             self.evaluator = Evaluator(cfg.DATA_DIR, device=self.device, progress=self.progress,
                                        download=cfg.DOWNLOAD)
-        result = self.evaluator.evaluate(images, memorisation=False,
-                                         precision_recall_k=None)
+        labels = self.eval_labels(0, len(images))
+        result = self.evaluator.evaluate(images, memorisation=False, precision_recall_k=None,
+                                         labels=None if labels is None else labels.cpu())
         record = {"epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch, "step": self.step, "train_seconds": self.elapsed,
                   "num_samples": cfg.EVAL_SAMPLES, "fid": result["fid"],
                   "fid_floor": result["floor"]["fid"],
                   "confident_fraction": result["confident_fraction"],
                   "class_kl": result["class_kl"], "sampler": f"{cfg.SAMPLER}-{steps or cfg.TIMESTEPS}"}
+        if labels is not None:
+            record.update(guidance=cfg.GUIDANCE,
+                          conditional_accuracy=result["conditional_accuracy"])
         self.log(f"epoch {self.epoch}: FID {record['fid']:.2f} (floor {record['fid_floor']:.2f}) "
                  f"on {cfg.EVAL_SAMPLES} samples, {100 * record['confident_fraction']:.1f}% "
-                 f"with p > 0.9, class KL {record['class_kl']:.4f}")
+                 f"with p > 0.9, class KL {record['class_kl']:.4f}"
+                 + (f", {100 * record['conditional_accuracy']:.1f}% the digit asked for "
+                    f"(guidance {cfg.GUIDANCE:g})" if labels is not None else ""))
         return record
 
     # ----- checkpoint state -----

@@ -144,8 +144,9 @@ def plot_training_curves(losses, evaluations: list[dict], save_path, steps_per_e
 
 
 def save_labelled_grid(images: torch.Tensor, save_path, ncol: int, column_labels: list[str],
-                       title: str = "") -> Path:
-    """A grid (row-major, `ncol` per row) with a label over each column, via matplotlib."""
+                       title: str = "", row_labels: list[str] | None = None) -> Path:
+    """A grid (row-major, `ncol` per row) with a label over each column (and, if given,
+    beside each row), via matplotlib."""
     path = _prepare(save_path)
     picture = np.asarray(grid_image(images, nrow=ncol, scale=1))
     cell = picture.shape[1] / ncol
@@ -153,7 +154,9 @@ def save_labelled_grid(images: torch.Tensor, save_path, ncol: int, column_labels
     ax.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_xticks([cell * (i + 0.5) for i in range(ncol)], column_labels, fontsize=8)
     ax.xaxis.tick_top()
-    ax.set_yticks([])
+    rows = picture.shape[0] / cell
+    ax.set_yticks([cell * (i + 0.5) for i in range(round(rows))] if row_labels else [],
+                  row_labels or [], fontsize=8)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
