@@ -489,15 +489,18 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     written = []
 
     digits, guidances = args.digit, args.guidance or [config.GUIDANCE]
-    if digits or args.guidance is not None or args.interpolate_digits:
-        what = ("--digit" if digits else "--guidance" if args.guidance is not None
-                else "--interpolate-digits")
+    asked = [flag for flag, given in (("--digit", digits), ("--guidance", args.guidance),
+                                      ("--guidance-rescale", args.guidance_rescale),
+                                      ("--interpolate-digits", args.interpolate_digits)) if given]
+    if asked:
+        what = asked[0]
         if not config.CONDITIONAL:
             raise ConfigError(f"{what} needs a class-conditional checkpoint; {args.checkpoint} "
                               f"was trained without --conditional and draws random digits only "
                               f"(train one with: python main.py --conditional)")
     if config.CONDITIONAL:
         digits = digits or list(range(10))
+    if config.CONDITIONAL and ({"grid", "guidance", "chain"} & set(paths) or sweep):
         print(f"class-conditional: digits {format_digits(digits)}, guidance "
               f"{', '.join(f'{w:g}' for w in guidances)} (eps_u + W (eps_c - eps_u))"
               + (f", rescaled {args.guidance_rescale:g}" if args.guidance_rescale else ""))
@@ -586,7 +589,11 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
         written += interpolate(args, model, steps if sampler != "ddpm" else 50, precision,
                                paths, test_digits)
     if args.chain:
-        written += chain(args, model, sample_kwargs, paths["chain"], paths["chain_gif"])
+        conditioned = (dict(labels=digit_labels(digits, min(args.num_samples or 8, 16)),
+                            guidance=guidances[0], guidance_rescale=args.guidance_rescale)
+                       if digits else {})
+        written += chain(args, model, {**sample_kwargs, **conditioned}, paths["chain"],
+                         paths["chain_gif"])
     if args.forward:
         from utils.data_loader import normalize_images
         from utils.visualization import visualize_diffusion_process

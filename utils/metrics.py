@@ -254,10 +254,10 @@ def format_report(result: dict, title: str = "") -> str:
     ])
     hist = result.get("class_histogram")
     if hist:
-        lines.append("  digits 0-9 (%)" + "".join(f"{100 * h:6.1f}" for h in hist))
+        lines.append(f"  {'digits 0-9 (%)':<24}" + "".join(f"{100 * h:6.1f}" for h in hist))
     per_class = result.get("per_class_accuracy")
     if per_class:
-        lines.append("  asked-for digit (%)" + "".join(
+        lines.append(f"  {'right digit, 0-9 (%)':<24}" + "".join(
             "     -" if a is None else f"{100 * a:6.1f}" for a in per_class))
     return "\n".join(lines)
 

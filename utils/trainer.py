@@ -466,12 +466,13 @@ class Trainer:
         from utils.visualization import save_images
 
         cfg = self.config
-        labels = self.eval_labels(0, cfg.NUM_SAMPLES)  # conditional: column k draws digit k
-        images = self.ema.sample((cfg.NUM_SAMPLES, *self.ema.image_shape), sampler=cfg.SAMPLER,
+        count = -(-cfg.NUM_SAMPLES // 10) * 10 if cfg.CONDITIONAL else cfg.NUM_SAMPLES
+        labels = self.eval_labels(0, count)  # conditional: whole rows, column k draws digit k
+        images = self.ema.sample((count, *self.ema.image_shape), sampler=cfg.SAMPLER,
                                  steps=None if cfg.SAMPLER == "ddpm" else cfg.SAMPLING_STEPS,
                                  eta=cfg.ETA, seed=cfg.SEED, spacing=cfg.SPACING,
                                  labels=labels, guidance=cfg.GUIDANCE)
-        nrow = min(10, cfg.NUM_SAMPLES) if labels is not None else int(math.sqrt(cfg.NUM_SAMPLES))
+        nrow = 10 if labels is not None else int(math.sqrt(count))
         return save_images(images, path, nrow=max(1, nrow))
 
     def eval_labels(self, first: int, count: int) -> torch.Tensor | None:
