@@ -104,7 +104,7 @@ class Config:
     SAMPLING_STEPS: int = 20  # network evaluations per sample (ddpm always uses TIMESTEPS)
     ETA: float = 0.0  # sampler noise: 0 = deterministic; 1 = ancestral (ddim), the SDE (dpm-solver)
     SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim
-    GUIDANCE: float = 2.0  # classifier-free guidance W: eps_u + W (eps_c - eps_u); 0 = unconditional, 1 = plain conditional
+    GUIDANCE: float = 1.25  # classifier-free guidance W: eps_u + W (eps_c - eps_u); 0 = unconditional, 1 = plain conditional (1.25: README sweep)
 
     # --- provenance ---
     PRESET: Preset = "none"  # the preset this run started from (set by --preset; none = the defaults)
