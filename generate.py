@@ -706,4 +706,6 @@ def chain(args, model, sample_kwargs, png_path, gif_path, columns: int = 11,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.distributed import exit_process
+
+    exit_process(main())

@@ -274,4 +274,6 @@ def _main(args, parser) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.distributed import exit_process
+
+    exit_process(main())
