@@ -226,7 +226,17 @@ def test_a_conditional_checkpoint_round_trips_through_generate(conditional_check
     assert Image.open(morph).size[0] > Image.open(morph).size[1]
 
 
-def test_evaluate_reports_the_conditional_accuracy(conditional_checkpoint, tmp_path, capsys):
+@pytest.fixture
+def shared_evaluator(monkeypatch, quick_evaluator):
+    """generate.py's evaluations use the session's Evaluator (the same class, already
+    holding the test set's features) instead of building their own."""
+    import utils.metrics
+
+    monkeypatch.setattr(utils.metrics, "Evaluator", lambda *args, **kwargs: quick_evaluator)
+
+
+def test_evaluate_reports_the_conditional_accuracy(conditional_checkpoint, tmp_path, capsys,
+                                                   shared_evaluator):
     import json
 
     out = tmp_path / "eval"
@@ -254,7 +264,7 @@ def test_conditional_accuracy_of_real_digits(quick_evaluator, data_dir):
     assert all(a > 0.9 for a in right["per_class_accuracy"])
 
 
-def test_evaluate_npz_takes_optional_labels(quick_evaluator, data_dir, tmp_path, capsys):
+def test_evaluate_npz_takes_optional_labels(shared_evaluator, data_dir, tmp_path, capsys):
     from utils.data_loader import load_mnist
 
     images, labels = load_mnist(data_dir, train=False)
