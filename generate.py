@@ -21,6 +21,7 @@ unless --output names the file. From Python (see README, "Use it from Python"):
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -448,7 +449,8 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     data_dir = overrides.get("DATA_DIR", Config.DATA_DIR)
     download = overrides.get("DOWNLOAD", Config.DOWNLOAD)
 
-    def evaluator():
+    @functools.cache
+    def evaluator():  # built once, on first use: it embeds the whole test set
         return Evaluator(data_dir, device=device, progress=progress, download=download)
 
     def test_digits():
@@ -519,7 +521,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
 
     def score(images, seconds: float, guidance: float) -> dict:
         labels = digit_labels(digits, len(images)) if digits else None
-        result = evaluator_once().evaluate(images, labels=labels)
+        result = evaluator().evaluate(images, labels=labels)
         result.update(checkpoint=str(args.checkpoint), sampler=label, seed=args.seed,
                       sampling_seconds=seconds, device=device, sampling_precision=precision,
                       raw_weights=args.raw_weights)
@@ -533,13 +535,6 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
         written.append(save_json(result, unused(out_dir / name)))
         print(format_report(result, f"{args.checkpoint} ({label}):"))
         return result
-
-    cache = {}
-
-    def evaluator_once():
-        if "evaluator" not in cache:
-            cache["evaluator"] = evaluator()
-        return cache["evaluator"]
 
     if "grid" in paths or sweep:
         default = EVAL_DEFAULT_SAMPLES if args.evaluate else (10 * len(digits) if digits and
