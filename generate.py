@@ -17,7 +17,7 @@ unless --output names the file. From Python (see README, "Use it from Python"):
 
     from generate import load_model, generate_images, generate_interpolation
     model = load_model("runs/NAME/latest.pt", "cpu")
-    images = generate_images(model, 16, "cpu", save_path="grid.png")
+    images = generate_images(model, 20, "cpu", save_path="grid.png")  # a conditional model: 0-9
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def build_parser() -> OneLineArgumentParser:
                                     "the others beside it (default: outputs/samples.png, or "
                                     "samples-2.png etc. if taken: nothing is overwritten)")
     p.add_argument("--num-samples", type=int, metavar="N",
-                   help=f"digits to draw (default: 64; {EVAL_DEFAULT_SAMPLES} with --evaluate)")
+                   help=f"digits to draw (default: 64, or 10 of each of several --digit, 0-9 "
+                        f"for a conditional checkpoint; {EVAL_DEFAULT_SAMPLES} with --evaluate)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise; image i depends only "
                                                         "on (seed, i) and its digit (default: 0)")
     p.add_argument("--batch-size", type=int, default=500, metavar="N",
@@ -115,9 +116,11 @@ def build_parser() -> OneLineArgumentParser:
                    help="score an existing .npz of digits (key 'samples', uint8 (N, 28, 28); "
                         "optional 'labels', the digits asked for, adds the conditional accuracy)")
     p.add_argument("--interpolate", action="store_true",
-                   help="decode a spherical path between pairs of noise vectors")
+                   help="decode a spherical path between pairs of noise vectors (a "
+                        "conditional checkpoint: row r keeps the r-th --digit, default 0-9)")
     p.add_argument("--interpolate-real", type=int, nargs=2, metavar=("I", "J"),
-                   help="interpolate between MNIST test digits I and J, inverted to noise by DDIM")
+                   help="interpolate between MNIST test digits I and J, inverted to noise by DDIM "
+                        "(a conditional checkpoint: with their labels)")
     p.add_argument("--interpolate-digits", type=int, nargs=2, metavar=("A", "B"),
                    help="a --conditional checkpoint's digit A turning into B at fixed noise "
                         "(the class embedding interpolated), one row per --pairs")
@@ -265,7 +268,17 @@ def _check_conditional(model, what: str) -> None:
     if not model.conditional:
         raise ConfigError(f"{what} needs a class-conditional checkpoint; this one was trained "
                           f"without --conditional and draws random digits only (train one "
-                          f"with: python main.py --conditional)")
+                          f"with: python main.py --conditional, the CPU preset's default)")
+
+
+def _digits_or_all(model, digits: list[int] | None) -> list[int] | None:
+    """The digits to draw: as asked (a conditional checkpoint only); if none were asked
+    for, 0-9 for a conditional checkpoint (its "no class" branch alone draws poor digits)
+    and None (random digits) for an unconditional one."""
+    if digits:
+        _check_conditional(model, "digits")
+        return digits
+    return list(range(10)) if model.conditional else None
 
 
 def _guidance(model, guidance) -> float:
@@ -298,18 +311,18 @@ def generate_images(model, num_samples: int, device=None, save_path=None,
     """Draw `num_samples` digits: a (N, 1, 28, 28) tensor in [-1, 1], on the CPU.
 
     Sampler, steps and eta default to the checkpoint's settings; image i depends only on
-    (seed, i) (and on its digit). digits (a conditional checkpoint): image i draws
-    digits[i mod len(digits)], with classifier-free guidance of scale `guidance`
-    (default: the checkpoint's); the PNG then has one row per digit. save_path writes
-    a PNG grid; show_images draws the grid where a display exists (a notebook, a
+    (seed, i) (and on its digit). digits (a conditional checkpoint; default 0-9 there):
+    image i draws digits[i mod len(digits)], with classifier-free guidance of scale
+    `guidance` (default: the checkpoint's); the PNG then has one row per digit. save_path
+    writes a PNG grid; show_images draws the grid where a display exists (a notebook, a
     desktop) and does nothing on a headless machine."""
     from utils.visualization import display_available, plot_images, save_images
 
     if device is not None:
         model = model.to(device)
     labels = None
+    digits = _digits_or_all(model, digits)
     if digits:
-        _check_conditional(model, "digits")
         labels = digit_labels(digits, num_samples)
     images = model.generate(num_samples, batch_size=batch_size, progress=progress, seed=seed,
                             precision=precision, labels=labels,
@@ -359,10 +372,13 @@ def generate_class_interpolation(model, first: int, last: int, num_steps: int = 
 
 def generate_interpolation(model, num_steps: int = 10, device=None, save_path=None,
                            pairs: int = 1, seed: int = 0, steps: int | None = None,
-                           precision: str = "fp32", show_images: bool = False):
+                           precision: str = "fp32", show_images: bool = False,
+                           digits: list[int] | None = None, guidance: float | None = None):
     """Decode a spherical path between `pairs` pairs of noise vectors (deterministic DDIM):
     a (pairs, num_steps, 1, 28, 28) tensor in [-1, 1], on the CPU; one row per pair in
-    the PNG at save_path."""
+    the PNG at save_path. A conditional checkpoint keeps one digit along each row: row r
+    draws digits[r mod len(digits)] (default 0-9) with guidance `guidance` (default: the
+    checkpoint's)."""
     from models.interpolation import interpolation_path
     from utils.seeding import PerSampleNoise
     from utils.visualization import display_available, plot_images, save_images
@@ -372,8 +388,10 @@ def generate_interpolation(model, num_steps: int = 10, device=None, save_path=No
     steps = steps or _sampling_settings(model, "ddim", None, 0.0)["steps"]
     noise = PerSampleNoise(seed, range(2 * pairs), model.image_shape,
                            model.scheduler.betas.device).initial()
-    images = interpolation_path(model, noise[0::2], noise[1::2], num_steps, steps,
-                                precision).cpu()
+    digits = _digits_or_all(model, digits)
+    labels = digit_labels(digits, pairs).to(noise.device) if digits else None
+    images = interpolation_path(model, noise[0::2], noise[1::2], num_steps, steps, precision,
+                                labels=labels, guidance=_guidance(model, guidance)).cpu()
     if save_path is not None:
         save_images(images.flatten(0, 1), save_path, nrow=num_steps)
     if show_images and display_available():
@@ -456,7 +474,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     def test_digits():
         from utils.data_loader import load_mnist
 
-        return load_mnist(data_dir, train=False, download=download)[0]
+        return load_mnist(data_dir, train=False, download=download)  # (images, labels)
 
     if args.evaluate_npz and dist.is_main():
         samples, labels = load_npz(args.evaluate_npz)
@@ -499,7 +517,8 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
         if not config.CONDITIONAL:
             raise ConfigError(f"{what} needs a class-conditional checkpoint; {args.checkpoint} "
                               f"was trained without --conditional and draws random digits only "
-                              f"(train one with: python main.py --conditional)")
+                              f"(train one with: python main.py --conditional, the CPU "
+                              f"preset's default)")
     if config.CONDITIONAL:
         digits = digits or list(range(10))
     if config.CONDITIONAL and ({"grid", "guidance", "chain"} & set(paths) or sweep):
@@ -582,7 +601,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
                                      steps=args.steps, precision=precision)
     if args.interpolate or args.interpolate_real:
         written += interpolate(args, model, steps if sampler != "ddpm" else 50, precision,
-                               paths, test_digits)
+                               paths, test_digits, digits, guidances[0])
     if args.chain:
         conditioned = (dict(labels=digit_labels(digits, min(args.num_samples or 8, 16)),
                             guidance=guidances[0], guidance_rescale=args.guidance_rescale)
@@ -593,7 +612,7 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
         from utils.data_loader import normalize_images
         from utils.visualization import visualize_diffusion_process
 
-        x0 = normalize_images(test_digits()[:8]).unsqueeze(1)
+        x0 = normalize_images(test_digits()[0][:8]).unsqueeze(1)
         path = paths["forward"]
         steps_shown = [min(round(f * config.TIMESTEPS), config.TIMESTEPS - 1) for f in
                        (0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)]
@@ -639,8 +658,12 @@ def guidance_strip(model, digits: list[int], guidances: list[float], args, sampl
                               row_labels=[str(d) for d in digits])
 
 
-def interpolate(args, model, steps, precision, paths, test_digits) -> list[Path]:
-    """Slerp between noise vectors (--interpolate) and between inverted test digits."""
+def interpolate(args, model, steps, precision, paths, test_digits, digits,
+                guidance) -> list[Path]:
+    """Slerp between noise vectors (--interpolate) and between inverted test digits.
+    A conditional checkpoint: rows of `digits` at `guidance` for --interpolate; test
+    digits are inverted and decoded with their own labels (unguided, so that the ends
+    are reconstructed), the class moving from one to the other along the path."""
     import torch
 
     from models.interpolation import interpolation_path, invert
@@ -649,12 +672,13 @@ def interpolate(args, model, steps, precision, paths, test_digits) -> list[Path]
     written = []
     if args.interpolate:
         generate_interpolation(model, args.num_steps, save_path=paths["interpolation"],
-                               pairs=args.pairs, seed=args.seed, steps=steps, precision=precision)
+                               pairs=args.pairs, seed=args.seed, steps=steps, precision=precision,
+                               digits=digits, guidance=guidance)
         written.append(paths["interpolation"])
     if args.interpolate_real:
         from utils.data_loader import normalize_images
 
-        test_images = test_digits()
+        test_images, test_labels = test_digits()
         i, j = args.interpolate_real
         for index in (i, j):
             if not 0 <= index < len(test_images):
@@ -662,9 +686,12 @@ def interpolate(args, model, steps, precision, paths, test_digits) -> list[Path]
                                   f"{len(test_images) - 1}")
         device = model.scheduler.betas.device
         real = normalize_images(test_images[[i, j]]).unsqueeze(1).to(device)
-        latents = invert(model, real, args.inversion_steps, precision)
+        labels = test_labels[[i, j]].long().to(device) if model.conditional else None
+        latents = invert(model, real, args.inversion_steps, precision, labels)
+        ends = None if labels is None else (labels[:1], labels[1:])
         images = interpolation_path(model, latents[:1], latents[1:], args.num_steps,
-                                    args.inversion_steps, precision, clip_x0=False)[0]
+                                    args.inversion_steps, precision, clip_x0=False,
+                                    labels=ends)[0]
         strip = torch.cat([real[:1], images, real[1:]])
         path = paths["interpolation_real"]
         written.append(save_images(strip, path, nrow=len(strip)))

@@ -222,7 +222,8 @@ class UNet(nn.Module):
         if labels.is_floating_point():
             assert labels.shape == (batch, self.num_classes + 1), \
                 f"class weights must have shape ({batch}, {self.num_classes + 1}), got {tuple(labels.shape)}"
-            return labels.to(self.class_embed.weight.dtype) @ self.class_embed.weight
+            with torch.autocast(labels.device.type, enabled=False):  # fp32, as the lookup
+                return labels.float() @ self.class_embed.weight.float()
         assert labels.shape == (batch,), f"labels must have shape ({batch},), got {tuple(labels.shape)}"
         return self.class_embed(labels)
 

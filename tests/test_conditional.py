@@ -113,6 +113,54 @@ def test_class_weights_interpolate_the_embedding():
         torch.testing.assert_close(emb, (0.25 * table[3] + 0.75 * table[8]).expand(2, -1))
 
 
+def test_a_conditional_model_draws_digits_where_none_are_asked_for():
+    """Grids and noise interpolations of a conditional model follow digits 0-9 (its "no
+    class" branch alone draws poor digits), with the checkpoint's guidance."""
+    from models.interpolation import decode, interpolation_path
+    from utils.seeding import PerSampleNoise
+
+    model = _random_conditional_model()
+    kwargs = dict(show_images=False, progress=False, steps=4)
+    torch.testing.assert_close(generate.generate_images(model, 10, **kwargs),
+                               generate.generate_images(model, 10, digits=list(range(10)), **kwargs))
+    w = Config().GUIDANCE
+    strip = generate.generate_interpolation(model, 3, pairs=2, steps=4)  # rows: digits 0 and 1
+    noise = PerSampleNoise(0, range(4), model.image_shape, "cpu").initial()
+    torch.testing.assert_close(strip, interpolation_path(model, noise[0::2], noise[1::2], 3, 4,
+                                                         labels=torch.tensor([0, 1]), guidance=w))
+    unlabelled = interpolation_path(model, noise[0::2], noise[1::2], 3, 4)
+    assert not torch.allclose(strip, unlabelled)
+    sevens = generate.generate_interpolation(model, 3, pairs=2, steps=4, digits=[7], guidance=2.0)
+    torch.testing.assert_close(sevens[:, 0], decode(model, noise[0::2], 4,
+                                                    labels=torch.tensor([7, 7]), guidance=2.0))
+    # between two digits the class moves with the noise: each end is its own digit
+    path = interpolation_path(model, noise[:1], noise[1:2], 3, 4,
+                              labels=(torch.tensor([3]), torch.tensor([8])))[0]
+    torch.testing.assert_close(path[0], decode(model, noise[:1], 4, labels=torch.tensor([3]))[0])
+    torch.testing.assert_close(path[-1], decode(model, noise[1:2], 4, labels=torch.tensor([8]))[0])
+
+
+def test_the_sampling_benchmark_times_a_conditional_model_as_it_samples():
+    """Digits 0-9 in turn, guided: two network evaluations a step, counted as such."""
+    from utils.benchmark import benchmark_sampling
+
+    model = _random_conditional_model()
+    result = benchmark_sampling(model, count=4, batch=2, steps=3, guidance=2.0, log=quiet)
+    assert result["sampling_nfe"] == 6
+    expected = model.generate(4, batch_size=2, progress=False, labels=torch.arange(4),
+                              guidance=2.0, sampler="dpm-solver", steps=3, seed=0)
+    torch.testing.assert_close(result["images"], expected)
+    assert benchmark_sampling(model, count=2, batch=2, steps=3, log=quiet)["sampling_nfe"] == 3
+
+
+def test_the_cpu_preset_is_conditional_unless_asked_not_to_be():
+    assert Config.from_preset("cpu").CONDITIONAL
+    assert not Config.from_preset("cpu", CONDITIONAL=False).CONDITIONAL
+    assert not Config.from_preset("none").CONDITIONAL
+    args = main.build_parser().parse_args(["--preset", "cpu", "--no-conditional"])
+    assert main.config_overrides(args)["CONDITIONAL"] is False
+
+
 def test_an_unconditional_model_is_unchanged_and_refuses_labels(tiny):
     config = tiny()
     model = DiffusionModel.from_config(config)
@@ -188,7 +236,7 @@ def conditional_checkpoint(tmp_path_factory, data_dir):
 
 
 def test_a_conditional_checkpoint_round_trips_through_generate(conditional_checkpoint, tmp_path,
-                                                               data_dir, capsys):
+                                                               data_dir, capsys, monkeypatch):
     state = ckpt.load_checkpoint(conditional_checkpoint)
     assert state["config"]["CONDITIONAL"] is True
     evaluation = state["evaluations"][-1]  # --eval-every during training
@@ -224,6 +272,21 @@ def test_a_conditional_checkpoint_round_trips_through_generate(conditional_check
                           "3", "8", "--num-steps", "4", "--pairs", "2", "--output", str(morph),
                           "--quiet"]) == 0
     assert Image.open(morph).size[0] > Image.open(morph).size[1]
+    # noise and real-digit interpolations take the digits too (the real ones their labels:
+    # test digits 0 and 1 are a 7 and a 2)
+    import models.interpolation
+
+    inverted_with = []
+    invert = models.interpolation.invert
+    monkeypatch.setattr(models.interpolation, "invert", lambda model, images, steps, precision,
+                        labels: inverted_with.append(labels.tolist())
+                        or invert(model, images, steps, precision, labels))
+    assert generate.main(["--checkpoint", str(conditional_checkpoint), "--interpolate",
+                          "--interpolate-real", "0", "1", "--inversion-steps", "5", "--num-steps",
+                          "3", "--pairs", "2", "--output", str(tmp_path / "i.png"), "--quiet",
+                          "--data-dir", str(data_dir), "--no-download", "--device", "cpu"]) == 0
+    assert "reconstruction error" in capsys.readouterr().out and inverted_with == [[7, 2]]
+    assert (tmp_path / "i_interpolation_real_0_1.png").exists()
 
 
 @pytest.fixture

@@ -132,22 +132,35 @@ def benchmark_training(trainer, warmup_steps: int, timed_steps: int, log=print,
 
 def benchmark_sampling(model, count: int, batch: int, precision: str = "fp32",
                        sampler: str = "dpm-solver", steps: int | None = 20, eta: float = 0.0,
-                       spacing: str = "auto", progress: bool = False, log=print) -> dict:
+                       spacing: str = "auto", progress: bool = False, log=print,
+                       guidance: float = 1.0) -> dict:
     """Images/s of `model.generate(count, batch_size=batch)` end to end (per-image noise
     included), after one warm-up call at the same batch size, and its peak memory (on
     CUDA: what was allocated at the start, such as resident training state, plus
-    sampling's own). The result's 'images' are the samples, in [-1, 1]."""
+    sampling's own). A conditional model draws digits 0-9 in turn with classifier-free
+    guidance `guidance` (W != 0, 1: two network evaluations a step), as generate.py does.
+    The result's 'images' are the samples, in [-1, 1]."""
     device = model.scheduler.betas.device
     kwargs = dict(sampler=sampler, steps=steps, eta=eta, seed=0, precision=precision,
                   spacing=spacing)
-    model.generate(min(batch, count), batch_size=batch, progress=False, **kwargs)  # warm-up
+
+    def conditioned(n: int) -> dict:
+        if not model.conditional:
+            return {}
+        return dict(labels=torch.arange(n, device=device) % 10, guidance=guidance)
+
+    warmup = min(batch, count)
+    model.generate(warmup, batch_size=batch, progress=False, **kwargs, **conditioned(warmup))
     _sync(device)
     _reset_peak(device)
     start = time.perf_counter()
-    images = model.generate(count, batch_size=batch, progress=progress, **kwargs)
+    images = model.generate(count, batch_size=batch, progress=progress, **kwargs,
+                            **conditioned(count))
     _sync(device)
     seconds = time.perf_counter() - start
     nfe = model.timesteps if sampler == "ddpm" else steps
+    if model.conditional and guidance not in (0, 1):
+        nfe *= 2  # the conditional and the unconditional half of a doubled batch
     result = {"sampler": sampler, "sampling_nfe": nfe, "eta": eta, "precision": precision,
               "count": count, "batch": batch, "seconds": seconds,
               "images_per_s": count / seconds, "peak_memory_mb": _peak_mb(device),
@@ -197,7 +210,8 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
     batch = min(sample_count, 10_000 if on_gpu else 500)
     for precision in (["fp32", "bf16"] if on_gpu else ["fp32"]):
         sampled = benchmark_sampling(trainer.ema, sample_count, batch, precision, config.SAMPLER,
-                                     steps, config.ETA, config.SPACING, progress, log)
+                                     steps, config.ETA, config.SPACING, progress, log,
+                                     guidance=config.GUIDANCE)
         suffix = "" if precision == "fp32" else "_bf16"
         result[f"sample_images_per_s{suffix}"] = sampled["images_per_s"]
         result[f"sample_peak_memory_mb{suffix}"] = sampled["peak_memory_mb"]
