@@ -1,19 +1,26 @@
 """`python -m scripts.gpu_report --out DIR`: the default model on one GPU, in one command.
 
-Four stages, each wrapped so that a failure is recorded with its error's last line
+Six stages, each wrapped so that a failure is recorded with its error's last line
 and the next stage still runs; every result is written to DIR/report.json and
 DIR/report.md the moment it exists, so a run killed half-way keeps what it finished:
 
   cuda_tests       pytest tests/test_cuda.py (its log: DIR/pytest_cuda.log)
   benchmark        training speed of the default model at batch 128 (utils/benchmark.py):
                    eager, --channels-last, --compile; then the fastest at batch 512 and
-                   2048 ('batch_sweep', run last: what a short budget gives up first)
+                   2048 ('batch_sweep', run second to last: a short budget gives it up)
   time_to_quality  the default model with the fastest correct settings: FID and confident
                    fraction at 30, 60, 120 and 240 s of training (2,000 samples; 10,000 at
                    the end), on one Trainer that is continued stretch by stretch
   sampling         10,000 digits with the default sampler in fp32 and bf16, timed end to
                    end after a warm-up at the same batch; DDPM-1000 on 1,000 digits as the
                    quality reference
+  budget_recipe    the CPU preset's budget recipe on the default model (issue 13): a fresh
+                   run of 60 s whose learning rate decays linearly to 0 over the budget,
+                   sampled from the power EMA, then the same with --conditional (also its
+                   conditional accuracy); FID on 2,000 samples beside the flat schedule's at
+                   the same mark of time_to_quality. Run last: the first to give way to a
+                   short budget; `--stages time_to_quality,budget_recipe` runs it with its
+                   comparison
 
 The whole run keeps to --budget-s (default 510 s on a GPU): a measurement that would
 not fit is recorded as skipped. --dry-run runs every stage on the CPU with a tiny model
@@ -39,11 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("cuda_tests", "benchmark", "batch_sweep", "time_to_quality", "sampling")  # as shown
-RUN_ORDER = ("cuda_tests", "benchmark", "time_to_quality", "sampling", "batch_sweep")
+STAGES = ("cuda_tests", "benchmark", "batch_sweep", "time_to_quality", "budget_recipe",
+          "sampling")  # as shown
+RUN_ORDER = ("cuda_tests", "benchmark", "time_to_quality", "sampling", "batch_sweep",
+             "budget_recipe")
 TITLES = {"cuda_tests": "CUDA tests", "benchmark": "training speed",
           "batch_sweep": "training speed", "time_to_quality": "time to quality",
-          "sampling": "sampling"}
+          "budget_recipe": "time to quality", "sampling": "sampling"}
+BUDGET_RECIPE = ("LR_SCHEDULE", "EMA_RULE", "EMA_STD")  # the CPU preset's, for budget_recipe
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,7 @@ class Plan:
     tests_timeout_s: float
     quality_overhead_s: float  # time_to_quality beyond its training: evaluations, saving
     sampling_s: float  # what the sampling stage needs
+    recipe_s: float  # the budget of each budget_recipe run (a mark of time_to_quality)
     compile: bool = True  # False: the compile variant is skipped (minutes on a CPU)
 
 
@@ -77,7 +88,8 @@ GPU = Plan(device="cuda", model={},
            estimate_s={"eager": 15, "channels-last": 15, "compile": 60},
            marks=(30, 60, 120, 240), eval_samples=2000, final_eval_samples=10_000,
            sample_count=10_000, sample_batch=10_000, reference_count=1000,
-           budget_s=510, tests_timeout_s=150, quality_overhead_s=40, sampling_s=60)
+           budget_s=510, tests_timeout_s=150, quality_overhead_s=40, sampling_s=60,
+           recipe_s=60)
 
 DRY = dataclasses.replace(
     GPU, device="cpu",
@@ -87,7 +99,7 @@ DRY = dataclasses.replace(
     estimate_s={"eager": 2, "channels-last": 2, "compile": 2},
     marks=(1, 2, 3, 4), eval_samples=20, final_eval_samples=50, sample_count=40,
     sample_batch=20, reference_count=10, budget_s=300, tests_timeout_s=120,
-    quality_overhead_s=5, sampling_s=5, compile=False)
+    quality_overhead_s=5, sampling_s=5, recipe_s=2, compile=False)
 
 
 class Stopped(BaseException):
@@ -496,9 +508,67 @@ def stage_sampling(run: Run):
         raise StageFailed(f"{failures} sampling measurements failed")
 
 
+# ----- stage: the budget recipe on the default model -----
+def stage_budget_recipe(run: Run):
+    """Fresh runs of plan.recipe_s seconds with the budget recipe (decay to 0 at the end,
+    power EMA), unconditional and conditional, each scored on plan.eval_samples digits
+    like time_to_quality's flat schedule at the same mark (if it got there)."""
+    import torch
+
+    from config import PRESETS
+    from utils.trainer import Trainer
+
+    run.trainer = None  # sampling, which ran before, is done with time_to_quality's model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    name, changes = run.best_variant()
+    plan = run.plan
+    recipe = {key: PRESETS["cpu"][key] for key in BUDGET_RECIPE}
+    flat = next((row for row in run.report.stage("time_to_quality")["rows"]
+                 if row.get("mark_s") == plan.recipe_s and "fid" in row), None)
+    failures = 0
+    for label, extra in (("linear decay to 0 + power EMA", {}),
+                         ("the same, --conditional", {"CONDITIONAL": True})):
+        setting = f"{plan.recipe_s:g} s budget, {label}"
+
+        def measure(extra=extra, setting=setting):
+            folder = run.work / f"recipe{len(run.report.stage('budget_recipe')['rows'])}"
+            config = run.base_config(**changes, **recipe, **extra,
+                                     MAX_MINUTES=plan.recipe_s / 60, EVAL_SAMPLES=plan.eval_samples,
+                                     ).replace(CHECKPOINT_DIR=str(folder), OUTPUT_DIR=str(folder))
+            trainer = Trainer(config, progress=False, log=_say, evaluator=run.get_evaluator())
+            try:
+                trainer.fit()
+                record = trainer.evaluate()
+            finally:
+                del trainer
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            result = (f"FID {record['fid']:.2f} (real digits: {record['fid_floor']:.2f}) on "
+                      f"{plan.eval_samples:,} samples; {record['confident_fraction']:.1%} "
+                      f"classified with p > 0.9")
+            if record.get("conditional_accuracy") is not None:
+                result += (f"; {record['conditional_accuracy']:.1%} the digit asked for "
+                           f"(guidance {config.GUIDANCE:g})")
+            result += (f"; flat schedule at {plan.recipe_s:g} s: FID {flat['fid']:.2f}"
+                       if flat else "; the flat schedule did not reach this mark")
+            run.report.add("budget_recipe",
+                           f"{setting} ({record['train_seconds']:.1f} s trained: "
+                           f"{record['step']:,} steps; {name}, batch {config.BATCH_SIZE}), "
+                           f"{record['sampler']}", result, mark_s=plan.recipe_s, variant=name,
+                           conditional=bool(extra), flat_fid=flat and flat["fid"], **record)
+
+        failures += _attempt(run, "budget_recipe", setting,
+                             plan.recipe_s + plan.quality_overhead_s / 2, measure)
+    if failures:
+        raise StageFailed(f"{failures} of 2 budget-recipe runs failed")
+
+
 STAGE_FUNCTIONS = {"cuda_tests": stage_cuda_tests, "benchmark": stage_benchmark,
                    "batch_sweep": stage_batch_sweep, "time_to_quality": stage_time_to_quality,
-                   "sampling": stage_sampling}
+                   "sampling": stage_sampling, "budget_recipe": stage_budget_recipe}
 
 
 def run_stage(run: Run, name: str, function=None) -> bool:

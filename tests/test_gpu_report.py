@@ -46,6 +46,14 @@ def test_dry_run_reports_every_stage(dry_run):
     assert [row["train_seconds"] >= row["mark_s"] for row in quality] == [True] * len(quality)
     assert [row["num_samples"] for row in quality][-2:] == [gpu_report.DRY.eval_samples,
                                                             gpu_report.DRY.final_eval_samples]
+    recipe = stages["budget_recipe"]["rows"]  # the budget recipe beside the flat schedule
+    flat = next(row["fid"] for row in quality if row["mark_s"] == gpu_report.DRY.recipe_s)
+    assert [row["conditional"] for row in recipe] == [False, True]
+    assert all(row["flat_fid"] == flat and row["fid"] > 0 and row["num_samples"] ==
+               gpu_report.DRY.eval_samples and row["train_seconds"] >= gpu_report.DRY.recipe_s
+               for row in recipe)
+    assert "conditional_accuracy" not in recipe[0]
+    assert 0 <= recipe[1]["conditional_accuracy"] <= 1
     sampling = stages["sampling"]["rows"]
     assert [row.get("precision") for row in sampling if "images_per_s" in row] == ["fp32", "bf16"]
     assert sampling[-1]["fid"] > 0 and sampling[-1]["default_sampler_fid_same_count"] > 0
