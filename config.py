@@ -54,7 +54,7 @@ class Config:
     TIME_EMBED_DIM: int = 256  # width of the timestep embedding
     ATTENTION: bool = True  # self-attention at the lowest resolution
     DROPOUT: float = 0.0  # dropout inside residual blocks
-    CONDITIONAL: bool = False  # learn the digit's class too (a class embedding), for --digit and --guidance
+    CONDITIONAL: bool = False  # learn the digit's class too (a class embedding), for --digit and --guidance; the CPU preset turns it on
     CLASS_DROPOUT: float = 0.1  # share of each batch trained without its label (the "no class" token)
 
     # --- diffusion ---
@@ -221,7 +221,10 @@ PRESETS = {
                 LR_WARMUP_STEPS=200, EMA_DECAY=0.9995, DEVICE="cpu", EPOCHS=100, MAX_MINUTES=15.0,
                 SAVE_EVERY=1, ETA=1.0,  # SDE sampling: FID 25 vs 34 (ODE) at 20 steps, README
                 # decay to 0 over the budget + power EMA: FID 45.9 vs 51.8 at 8,000 steps (README)
-                LR_SCHEDULE="linear", EMA_RULE="power", EMA_STD=0.05),
+                LR_SCHEDULE="linear", EMA_RULE="power", EMA_STD=0.05,
+                # trained with the digits' labels (grids of 0-9, --digit): FID 10.7 against
+                # 34.6 without them in 15 minutes (README); --no-conditional for the latter
+                CONDITIONAL=True),
 }
 
 # Flags whose name is not simply the field's name in kebab case.

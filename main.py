@@ -94,7 +94,9 @@ def build_config(args) -> tuple[Config, dict | None]:
     config = Config.from_preset(args.preset, **requested).validate()
     if args.preset == "auto" and config.PRESET == "cpu":
         print("no CUDA device here: using --preset cpu (a 0.26M-parameter model that draws "
-              "digits in 15 minutes); --preset none trains the default model")
+              "digits in 15 minutes"
+              + (" and learns their labels: generate.py --digit 7 draws 7s" if config.CONDITIONAL else "")
+              + "); --preset none trains the default model")
     return config, None
 
 
