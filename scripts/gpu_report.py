@@ -97,9 +97,9 @@ DRY = dataclasses.replace(
                TRAIN_SIZE=512, SAMPLING_STEPS=5, THREADS=1),  # 1: immune to busy cores
     batch=16, sweep=(32, 64), warmup_images=16, timed_images=128,
     estimate_s={"eager": 2, "channels-last": 2, "compile": 2},
-    marks=(1, 2, 3, 4), eval_samples=20, final_eval_samples=50, sample_count=40,
+    marks=(1, 2), eval_samples=20, final_eval_samples=50, sample_count=40,
     sample_batch=20, reference_count=10, budget_s=300, tests_timeout_s=120,
-    quality_overhead_s=5, sampling_s=5, recipe_s=2, compile=False)
+    quality_overhead_s=5, sampling_s=5, recipe_s=1, compile=False)
 
 
 class Stopped(BaseException):

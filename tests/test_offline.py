@@ -74,13 +74,13 @@ def test_quick_start_on_a_fresh_clone_without_network(tmp_path):
     (run_dir,) = (clone / "runs").iterdir()
     assert (run_dir / "latest.pt").is_file() and (run_dir / "samples_final.png").is_file()
 
-    drawn = run("generate.py", "--num-samples", 20, "--quiet")
+    drawn = run("generate.py", "--num-samples", 10, "--quiet")
     assert drawn.returncode == 0, drawn.stderr
     assert f"newest run: {Path('runs') / run_dir.name / 'latest.pt'}" in drawn.stdout
     assert "class-conditional: digits 0-9" in drawn.stdout  # the CPU preset learns the labels
     grid = np.asarray(Image.open(clone / "outputs" / "samples.png"))
-    # one row per digit, two of each, not blank
-    assert grid.shape[:2] == (2 * (10 * 30 + 2), 2 * (2 * 30 + 2)) and grid.std() > 10
+    # one row per digit, not blank
+    assert grid.shape[:2] == (2 * (10 * 30 + 2), 2 * (1 * 30 + 2)) and grid.std() > 10
 
 
 def _data_copy(tmp_path: Path) -> Path:
