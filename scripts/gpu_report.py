@@ -227,6 +227,15 @@ class Run:
         return self.evaluator
 
 
+def _free_memory():
+    """Give back what dropped models held (the CUDA cache too), before the next one."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # ----- stage: the CUDA tests -----
 def stage_cuda_tests(run: Run):
     log, xml = run.out / "pytest_cuda.log", run.work / "pytest_cuda.xml"
@@ -281,8 +290,6 @@ def stage_cuda_tests(run: Run):
 # ----- stage: training speed -----
 def _measure_training(run: Run, config) -> dict:
     """benchmark_training on a fresh Trainer; the memory is freed afterwards."""
-    import torch
-
     from utils.benchmark import benchmark_training
     from utils.trainer import Trainer
 
@@ -295,9 +302,7 @@ def _measure_training(run: Run, config) -> dict:
         result = benchmark_training(trainer, warmup, timed, log=_say, flops=run.flops)
     finally:
         del trainer
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _free_memory()
     run.flops = run.flops or result["train_flops_per_image"]
     return result
 
@@ -377,12 +382,8 @@ def stage_benchmark(run: Run):
 
 
 def stage_batch_sweep(run: Run):
-    import torch
-
     run.trainer = None  # time_to_quality's model is done with: free its memory first
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _free_memory()
     name, changes = run.best_variant()
     failures = 0
     for batch in run.plan.sweep:
@@ -513,15 +514,11 @@ def stage_budget_recipe(run: Run):
     """Fresh runs of plan.recipe_s seconds with the budget recipe (decay to 0 at the end,
     power EMA), unconditional and conditional, each scored on plan.eval_samples digits
     like time_to_quality's flat schedule at the same mark (if it got there)."""
-    import torch
-
     from config import PRESETS
     from utils.trainer import Trainer
 
     run.trainer = None  # sampling, which ran before, is done with time_to_quality's model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _free_memory()
     name, changes = run.best_variant()
     plan = run.plan
     recipe = {key: PRESETS["cpu"][key] for key in BUDGET_RECIPE}
@@ -543,9 +540,7 @@ def stage_budget_recipe(run: Run):
                 record = trainer.evaluate()
             finally:
                 del trainer
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                _free_memory()
             result = (f"FID {record['fid']:.2f} (real digits: {record['fid_floor']:.2f}) on "
                       f"{plan.eval_samples:,} samples; {record['confident_fraction']:.1%} "
                       f"classified with p > 0.9")
