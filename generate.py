@@ -347,6 +347,7 @@ def generate_class_interpolation(model, first: int, last: int, num_steps: int = 
     CPU; row r uses the noise of image r under `seed`."""
     import torch
 
+    from models.interpolation import class_weights
     from utils.visualization import save_images
 
     _check_conditional(model, "interpolating between digits")
@@ -356,11 +357,11 @@ def generate_class_interpolation(model, first: int, last: int, num_steps: int = 
     if settings["sampler"] == "ddpm":
         settings.update(sampler="dpm-solver", steps=min(20, model.timesteps))
     device = model.scheduler.betas.device
+    e_first, e_last = (class_weights(model, torch.full((pairs,), digit, device=device))
+                       for digit in (first, last))
     columns = []
     for a in torch.linspace(0, 1, num_steps).tolist():
-        weights = torch.zeros(pairs, model.num_classes + 1, device=device)
-        weights[:, first] += 1 - a
-        weights[:, last] += a
+        weights = (1 - a) * e_first + a * e_last
         columns.append(model.sample((pairs, *model.image_shape), seed=seed, labels=weights,
                                     guidance=_guidance(model, guidance), precision=precision,
                                     **settings).cpu())

@@ -138,6 +138,11 @@ def test_a_conditional_model_draws_digits_where_none_are_asked_for():
                               labels=(torch.tensor([3]), torch.tensor([8])))[0]
     torch.testing.assert_close(path[0], decode(model, noise[:1], 4, labels=torch.tensor([3]))[0])
     torch.testing.assert_close(path[-1], decode(model, noise[1:2], 4, labels=torch.tensor([8]))[0])
+    # at fixed noise (--interpolate-digits) the class alone moves: its ends are the digits
+    morph = generate.generate_class_interpolation(model, 3, 8, num_steps=3, pairs=2, steps=4)
+    for column, digit in ((0, 3), (-1, 8)):
+        torch.testing.assert_close(morph[:, column], generate.generate_images(
+            model, 2, digits=[digit], eta=0.0, **kwargs))
 
 
 def test_the_sampling_benchmark_times_a_conditional_model_as_it_samples():

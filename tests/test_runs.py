@@ -28,12 +28,12 @@ def run(cwd, script, *args, timeout=240):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_new_runs_get_their_own_folders_and_generate_takes_the_newest(tmp_path, data_dir):
-    first = run(tmp_path, "main.py", *TINY, "--data-dir", data_dir, "--max-steps", 2)
-    assert first.returncode == 0, first.stderr
-    second = run(tmp_path, "main.py", *TINY, "--data-dir", data_dir, "--max-steps", 4,
-                 "--name", "quick try")
-    assert second.returncode == 0, second.stderr
+def test_new_runs_get_their_own_folders_and_generate_takes_the_newest(
+        capsys, monkeypatch, tmp_path, data_dir):
+    monkeypatch.chdir(tmp_path)  # runs/ and outputs/ are relative to where the user stands
+    data = ["--data-dir", str(data_dir)]
+    assert main.main([*TINY, *data, "--max-steps", "2"]) == 0
+    assert main.main([*TINY, *data, "--max-steps", "4", "--name", "quick try"]) == 0
     folders = sorted((tmp_path / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     assert len(folders) == 2 and folders[1].name.endswith("-default-quick-try")
     steps = [ckpt.load_checkpoint(f / "latest.pt")["step"] for f in folders]
@@ -41,12 +41,10 @@ def test_new_runs_get_their_own_folders_and_generate_takes_the_newest(tmp_path, 
     for folder in folders:
         assert (folder / "config.json").is_file() and (folder / "loss_history.csv").is_file()
 
-    drawn = run(tmp_path, "generate.py", "--num-samples", 4, "--device", "cpu", "--quiet")
-    assert drawn.returncode == 0, drawn.stderr
-    assert f"newest run: {Path('runs') / folders[1].name / 'latest.pt'}" in drawn.stdout
-    resumed = run(tmp_path, "main.py", "--resume", "auto", "--max-steps", 5, "--quiet",
-                  "--data-dir", data_dir)
-    assert resumed.returncode == 0, resumed.stderr
+    capsys.readouterr()
+    assert generate.main(["--num-samples", "4", "--device", "cpu", "--quiet"]) == 0
+    assert f"newest run: {Path('runs') / folders[1].name / 'latest.pt'}" in capsys.readouterr().out
+    assert main.main(["--resume", "auto", "--max-steps", "5", "--quiet", *data]) == 0
     assert ckpt.load_checkpoint(folders[1] / "latest.pt")["step"] == 5
     assert ckpt.load_checkpoint(folders[0] / "latest.pt")["step"] == 2
 
