@@ -84,7 +84,7 @@ def build_parser() -> OneLineArgumentParser:
                    help="network evaluations per digit (default: the checkpoint's setting; "
                         "ddpm always takes all timesteps)")
     add_config_arguments(p, names={"SAMPLER", "ETA", "SPACING", "DEVICE", "PRECISION", "DATA_DIR",
-                                   "DOWNLOAD", "OUTPUT_DIR"},
+                                   "DOWNLOAD", "OUTPUT_DIR", "THREADS"},
                          default_note={**{name: "the checkpoint's setting"
                                           for name in ("SAMPLER", "ETA", "SPACING")},
                                        "PRECISION": "fp32; bf16 autocast is faster on GPUs",
@@ -161,6 +161,8 @@ def check_args(args, parser) -> None:
                          f"> 1 = guided), got {w:g}")
     if not 0 <= args.guidance_rescale <= 1:
         parser.error(f"--guidance-rescale must lie in [0, 1], got {args.guidance_rescale:g}")
+    if args.THREADS is not None and args.THREADS < 0:
+        parser.error(f"--threads must be >= 0, got {args.THREADS}")
 
 
 def main(argv=None) -> int:
@@ -170,6 +172,10 @@ def main(argv=None) -> int:
     overrides = config_overrides(args)
     device = overrides.get("DEVICE", Config().DEVICE)
     out_dir = Path(overrides.get("OUTPUT_DIR") or DEFAULT_OUTPUT.parent)
+    if overrides.get("THREADS"):  # e.g. two evaluations side by side, one thread each
+        import torch
+
+        torch.set_num_threads(overrides["THREADS"])
     from utils import distributed as dist
     from utils.checkpoint import CheckpointError
     from utils.classifier import ClassifierError

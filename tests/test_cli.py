@@ -155,9 +155,23 @@ def test_generate_rejects_bad_sampling_requests(capsys, small_checkpoint, tmp_pa
     assert "--sampler ddpm always takes all 50 steps" in err
     err = _expect_exit(capsys, generate.main, base + ["--num-samples", "0"])
     assert "--num-samples must be positive" in err
+    err = _expect_exit(capsys, generate.main, base + ["--threads", "-1"])
+    assert "--threads must be >= 0, got -1" in err
     err = _expect_exit(capsys, generate.main, base + ["--interpolate-real", "0", "10000",
                                                        "--no-download", "--data-dir", str(data_dir)])
     assert "--interpolate-real 10000" in err
+
+
+def test_generate_threads_sets_the_cpu_thread_count(small_checkpoint, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert generate.main(["--checkpoint", str(small_checkpoint), "--device", "cpu", "--quiet",
+                              "--num-samples", "2", "--output", str(tmp_path / "g.png"),
+                              "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_missing_data_names_the_files_and_folder(capsys, tmp_path):
