@@ -345,11 +345,12 @@ def generate_images(model, num_samples: int, device=None, save_path=None,
 def generate_class_interpolation(model, first: int, last: int, num_steps: int = 10,
                                  device=None, save_path=None, pairs: int = 1, seed: int = 0,
                                  guidance: float | None = None, steps: int | None = None,
-                                 precision: str = "fp32"):
+                                 precision: str = "fp32", sampler: str | None = None,
+                                 spacing: str | None = None, guidance_rescale: float = 0.0):
     """Digit `first` turning into digit `last` at fixed noise (a conditional checkpoint):
     column k is sampled with the class embedding (1 - a) e_first + a e_last, a = k/(K-1),
-    deterministically (the checkpoint's sampler with eta 0; DPM-Solver++ for ddpm), with
-    classifier-free guidance. Returns (pairs, num_steps, 1, 28, 28) in [-1, 1] on the
+    deterministically (`sampler`, default the checkpoint's, with eta 0; DPM-Solver++ for
+    ddpm), with classifier-free guidance `guidance` (default: the checkpoint's). Returns (pairs, num_steps, 1, 28, 28) in [-1, 1] on the
     CPU; row r uses the noise of image r under `seed`."""
     import torch
 
@@ -359,9 +360,11 @@ def generate_class_interpolation(model, first: int, last: int, num_steps: int = 
     _check_conditional(model, "interpolating between digits")
     if device is not None:
         model = model.to(device)
-    settings = _sampling_settings(model, None, steps, 0.0)
-    if settings["sampler"] == "ddpm":
-        settings.update(sampler="dpm-solver", steps=min(20, model.timesteps))
+    settings = _sampling_settings(model, sampler, steps, 0.0)
+    if settings["sampler"] == "ddpm":  # ddpm is stochastic: its deterministic stand-in
+        settings.update(sampler="dpm-solver", steps=steps or min(20, model.timesteps))
+    if spacing:
+        settings["spacing"] = spacing
     device = model.scheduler.betas.device
     e_first, e_last = (class_weights(model, torch.full((pairs,), digit, device=device))
                        for digit in (first, last))
@@ -370,6 +373,7 @@ def generate_class_interpolation(model, first: int, last: int, num_steps: int = 
         weights = (1 - a) * e_first + a * e_last
         columns.append(model.sample((pairs, *model.image_shape), seed=seed, labels=weights,
                                     guidance=_guidance(model, guidance), precision=precision,
+                                    guidance_rescale=guidance_rescale,
                                     **settings).cpu())
     images = torch.stack(columns, dim=1)
     if save_path is not None:
@@ -380,7 +384,8 @@ def generate_class_interpolation(model, first: int, last: int, num_steps: int = 
 def generate_interpolation(model, num_steps: int = 10, device=None, save_path=None,
                            pairs: int = 1, seed: int = 0, steps: int | None = None,
                            precision: str = "fp32", show_images: bool = False,
-                           digits: list[int] | None = None, guidance: float | None = None):
+                           digits: list[int] | None = None, guidance: float | None = None,
+                           guidance_rescale: float = 0.0):
     """Decode a spherical path between `pairs` pairs of noise vectors (deterministic DDIM):
     a (pairs, num_steps, 1, 28, 28) tensor in [-1, 1], on the CPU; one row per pair in
     the PNG at save_path. A conditional checkpoint keeps one digit along each row: row r
@@ -398,7 +403,8 @@ def generate_interpolation(model, num_steps: int = 10, device=None, save_path=No
     digits = _digits_or_all(model, digits)
     labels = digit_labels(digits, pairs).to(noise.device) if digits else None
     images = interpolation_path(model, noise[0::2], noise[1::2], num_steps, steps, precision,
-                                labels=labels, guidance=_guidance(model, guidance)).cpu()
+                                labels=labels, guidance=_guidance(model, guidance),
+                                guidance_rescale=guidance_rescale).cpu()
     if save_path is not None:
         save_images(images.flatten(0, 1), save_path, nrow=num_steps)
     if show_images and display_available():
@@ -459,7 +465,6 @@ def unused(path: Path) -> Path:
 def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     import torch
 
-    from models.diffusion import DiffusionModel
     from utils.data_loader import to_uint8
     from utils.metrics import Evaluator, format_report, save_json
     from utils.visualization import save_images, show
@@ -494,8 +499,8 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
     if not args.checkpoint:  # only --evaluate-npz
         return 0
 
-    model, config = DiffusionModel.from_checkpoint(args.checkpoint, device,
-                                                   ema=not args.raw_weights)
+    model = load_model(args.checkpoint, device, ema=not args.raw_weights)
+    config = model.config  # the checkpoint's settings, the functions' defaults
     sampler = overrides.get("SAMPLER", config.SAMPLER)
     eta = overrides.get("ETA", config.ETA)
     precision = resolve_precision(overrides.get("PRECISION", "fp32"), device)
@@ -605,7 +610,8 @@ def run(args, overrides: dict, device: str, out_dir: Path) -> int:
         generate_class_interpolation(model, *args.interpolate_digits, args.num_steps,
                                      save_path=paths["interpolation_digits"], pairs=args.pairs,
                                      seed=args.seed, guidance=guidances[0],
-                                     steps=args.steps, precision=precision)
+                                     steps=args.steps, precision=precision, sampler=sampler,
+                                     spacing=spacing, guidance_rescale=args.guidance_rescale)
     if args.interpolate or args.interpolate_real:
         written += interpolate(args, model, steps if sampler != "ddpm" else 50, precision,
                                paths, test_digits, digits, guidances[0])
@@ -680,7 +686,8 @@ def interpolate(args, model, steps, precision, paths, test_digits, digits,
     if args.interpolate:
         generate_interpolation(model, args.num_steps, save_path=paths["interpolation"],
                                pairs=args.pairs, seed=args.seed, steps=steps, precision=precision,
-                               digits=digits, guidance=guidance)
+                               digits=digits, guidance=guidance,
+                               guidance_rescale=args.guidance_rescale)
         written.append(paths["interpolation"])
     if args.interpolate_real:
         from utils.data_loader import normalize_images

@@ -177,6 +177,10 @@ class DiffusionModel(nn.Module):
             return lambda x, t: network(x, t, None)
         if not self.conditional:
             raise ValueError("this model has no classes: it was trained without --conditional")
+        if labels.is_floating_point() and labels.shape[1:] != (self.num_classes + 1,):
+            raise ValueError(f"float labels are class weights of shape (B, {self.num_classes + 1}); "
+                             f"got {tuple(labels.shape)} (digits are integers)")
+        labels = labels.to(self.scheduler.betas.device)
         null = self.null_labels_like(labels)
         if guidance == 0:
             return lambda x, t: network(x, t, null)
@@ -217,8 +221,6 @@ class DiffusionModel(nn.Module):
         device = self.scheduler.betas.device if device is None else torch.device(device)
         indices = range(first_index, first_index + shape[0])
         noise = PerSampleNoise(seed, indices, tuple(shape[1:]), device)
-        if labels is not None:
-            labels = labels.to(device)
         denoiser = self.denoiser(precision, labels, guidance, guidance_rescale)
         was_training = self.training
         self.eval()

@@ -35,12 +35,13 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float | torch.Tensor) -> to
 @torch.no_grad()
 def decode(model, x_T: torch.Tensor, steps: int, precision: str = "fp32",
            clip_x0: bool | None = None, labels: torch.Tensor | None = None,
-           guidance: float = 1.0) -> torch.Tensor:
+           guidance: float = 1.0, guidance_rescale: float = 0.0) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from x_T to images in [-1, 1]. clip_x0=False undoes
-    `invert` exactly (inversion cannot clip); None takes the model's setting. labels and
-    guidance: a conditional model's classes (see DiffusionModel.denoiser)."""
+    `invert` exactly (inversion cannot clip); None takes the model's setting. labels,
+    guidance and its rescale: a conditional model's classes (see DiffusionModel.denoiser)."""
     clip = model.clip_x0 if clip_x0 is None else clip_x0
-    x = samplers.sample_ddim(model.denoiser(precision, labels, guidance), model.scheduler, x_T,
+    denoiser = model.denoiser(precision, labels, guidance, guidance_rescale)
+    x = samplers.sample_ddim(denoiser, model.scheduler, x_T,
                              steps, eta=0.0, prediction=model.prediction, clip_x0=clip)
     return x.clamp(-1, 1)
 
@@ -54,7 +55,7 @@ def class_weights(model, labels: torch.Tensor) -> torch.Tensor:
 def interpolation_path(model, z0: torch.Tensor, z1: torch.Tensor, num_steps: int, steps: int,
                        precision: str = "fp32", clip_x0: bool | None = None,
                        labels: torch.Tensor | tuple | None = None,
-                       guidance: float = 1.0) -> torch.Tensor:
+                       guidance: float = 1.0, guidance_rescale: float = 0.0) -> torch.Tensor:
     """Decode `num_steps` slerp points between each pair (z0[i], z1[i]).
 
     labels (a conditional model): (P,) digits, one per pair, or a pair (y0, y1) of them,
@@ -70,7 +71,8 @@ def interpolation_path(model, z0: torch.Tensor, z1: torch.Tensor, num_steps: int
         w0, w1 = class_weights(model, y0), class_weights(model, y1)
         weights = torch.stack([(1 - a) * w0 + a * w1 for a in alphas.tolist()], dim=1)
         weights = weights.flatten(0, 1).to(z0.device)  # (P * K, num_classes + 1)
-    images = decode(model, points.flatten(0, 1), steps, precision, clip_x0, weights, guidance)
+    images = decode(model, points.flatten(0, 1), steps, precision, clip_x0, weights, guidance,
+                    guidance_rescale)
     return images.reshape(points.shape)
 
 

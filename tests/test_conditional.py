@@ -175,6 +175,12 @@ def test_an_unconditional_model_is_unchanged_and_refuses_labels(tiny):
         model.denoiser(labels=torch.tensor([1]), guidance=2.0)
 
 
+def test_float_labels_must_be_class_weights():
+    model = _random_conditional_model()
+    with pytest.raises(ValueError, match=r"class weights of shape \(B, 11\)"):
+        model.denoiser(labels=torch.tensor([3.0, 4.0]), guidance=2.0)
+
+
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.3])
 def test_label_dropout_replaces_labels_at_the_configured_rate(tiny, rate):
     trainer = Trainer(tiny(CONDITIONAL=True, CLASS_DROPOUT=rate), progress=False, log=quiet)
@@ -238,6 +244,32 @@ def conditional_checkpoint(tmp_path_factory, data_dir):
             "--eval-every", "1", "--eval-samples", "20"]
     assert main.main(argv) == 0
     return folder / ckpt.LATEST
+
+
+def test_interpolations_take_the_checkpoints_and_the_flags_sampling_settings(
+        conditional_checkpoint, tmp_path, monkeypatch):
+    """--interpolate-digits samples with the checkpoint's settings (4 steps) unless the
+    flags say otherwise; --guidance-rescale reaches every guided interpolation."""
+    sampled, guided = [], []
+    sample, denoiser = DiffusionModel.sample, DiffusionModel.denoiser
+    monkeypatch.setattr(DiffusionModel, "sample", lambda self, shape, **kw: sampled.append(kw)
+                        or sample(self, shape, **kw))
+    monkeypatch.setattr(DiffusionModel, "denoiser", lambda self, *a: guided.append(a)
+                        or denoiser(self, *a))
+    base = ["--checkpoint", str(conditional_checkpoint), "--device", "cpu", "--quiet",
+            "--interpolate-digits", "3", "8", "--num-steps", "2", "--output", str(tmp_path / "m.png")]
+    assert generate.main(base) == 0
+    assert {(kw["sampler"], kw["steps"], kw["spacing"]) for kw in sampled} == {("dpm-solver", 4, "auto")}
+    sampled.clear()
+    assert generate.main([*base, "--sampler", "ddim", "--steps", "3", "--spacing", "time",
+                          "--guidance", "2", "--guidance-rescale", "0.7"]) == 0
+    assert {(kw["sampler"], kw["steps"], kw["spacing"], kw["eta"], kw["guidance_rescale"])
+            for kw in sampled} == {("ddim", 3, "time", 0.0, 0.7)}
+    guided.clear()
+    assert generate.main(["--checkpoint", str(conditional_checkpoint), "--device", "cpu", "--quiet",
+                          "--interpolate", "--num-steps", "2", "--guidance", "2",
+                          "--guidance-rescale", "0.7", "--output", str(tmp_path / "i.png")]) == 0
+    assert guided and {a[2:] for a in guided} == {(2.0, 0.7)}
 
 
 def test_a_conditional_checkpoint_round_trips_through_generate(conditional_checkpoint, tmp_path,
