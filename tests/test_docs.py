@@ -1,4 +1,7 @@
-"""The README documents every flag of both scripts, and its test command is what CI runs."""
+"""The README documents every flag of both scripts and the signatures of the functions it
+lists for notebooks, and its test command is what CI runs."""
+import inspect
+import re
 from pathlib import Path
 
 import generate
@@ -22,3 +25,22 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "python -m pytest -q" in readme
     assert "python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
+
+
+def _call(function) -> str:
+    """`name(a, b=1, c="x")` as the README writes a signature (no annotations)."""
+    def param(p):
+        if p.default is inspect.Parameter.empty:
+            return p.name
+        default = p.default.__name__ if callable(p.default) else repr(p.default).replace("'", '"')
+        return f"{p.name}={default}"
+    return f"{function.__name__}({', '.join(map(param, inspect.signature(function).parameters.values()))})"
+
+
+def test_readme_signatures_of_the_python_api_are_current():
+    readme = (ROOT / "README.md").read_text()
+    listed = re.findall(r"^\| `(main|generate)\.(\w+)\((.*?)\)`", readme, flags=re.M)
+    assert len(listed) >= 5, "the README's 'Use it from Python' table moved"
+    for module, name, args in listed:
+        function = getattr({"main": main, "generate": generate}[module], name)
+        assert f"{name}({args})" == _call(function), f"README's {module}.{name} is out of date"
