@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal, get_args, get_origin, get_type_hints
+
+MNIST_TRAIN_SIZE = 60_000  # digits in the MNIST training set
 
 Schedule = Literal["linear", "cosine"]
 Prediction = Literal["eps", "v"]
@@ -143,6 +146,10 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise ConfigError naming the flag for the first setting that cannot work."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{flag_for(f.name)} must be a finite number, got {value}")
         positive = ["PATCH_SIZE", "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "TIMESTEPS", "MODEL_CHANNELS",
                     "TIME_EMBED_DIM", "NUM_RES_BLOCKS", "SAVE_EVERY", "NUM_SAMPLES",
                     "PRINT_EVERY", "SAMPLING_STEPS", "EVAL_SAMPLES", "MAX_BAD_STEPS", "IMAGE_SIZE",
@@ -157,6 +164,13 @@ class Config:
             value = getattr(self, name)
             if not value >= 0:
                 raise ConfigError(f"{flag_for(name)} must be >= 0, got {value}")
+        if not 0 <= self.SEED < 2 ** 63:
+            raise ConfigError(f"--seed must lie in [0, 2^63), got {self.SEED}")
+        if self.CHANNELS != 1:
+            raise ConfigError(f"--channels must be 1: MNIST digits are greyscale, got {self.CHANNELS}")
+        if self.BATCH_SIZE > (self.TRAIN_SIZE or MNIST_TRAIN_SIZE):
+            raise ConfigError(f"--batch-size {self.BATCH_SIZE} exceeds the "
+                              f"{self.TRAIN_SIZE or MNIST_TRAIN_SIZE:,} training digits")
         if not 0 < self.BETA_START < 1:
             raise ConfigError(f"--beta-start must lie in (0, 1), got {self.BETA_START}")
         if not 0 < self.BETA_END < 1:
@@ -302,6 +316,8 @@ def check_device(device: str, flag: str = "--device") -> str:
     """Fail with one line if a CUDA device is asked for and not available."""
     import torch
 
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"{flag} must be cpu or cuda[:N], got {device!r}")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"{flag} {device}: CUDA is not available on this machine; "

@@ -44,9 +44,9 @@ def parse_digits(tokens: list[str]) -> list[int]:
     the token that is not a digit 0-9 or a range of them."""
     digits = []
     for token in tokens:
-        low, _, high = token.partition("-")
+        low, dash, high = token.partition("-")
         try:
-            first, last = int(low), int(high or low)
+            first, last = int(low), int(high if dash else low)
         except ValueError:
             raise ValueError(f"--digit {token}: expected a digit 0-9, a range such as 0-9, "
                              f"or a list such as 1 4 9") from None
@@ -143,10 +143,16 @@ def check_args(args, parser) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.ETA is not None and args.ETA < 0:
-        parser.error(f"--eta must be >= 0, got {args.ETA}")
+    try:  # the flags that are Config fields: the same checks as main.py's
+        Config(**config_overrides(args)).validate()
+    except ConfigError as error:
+        parser.error(str(error))
+    if not 0 <= args.seed < 2 ** 63:
+        parser.error(f"--seed must lie in [0, 2^63), got {args.seed}")
     if args.output and Path(args.output).suffix.lower() != ".png":
         parser.error(f"--output must be a .png path, got {args.output}")
+    if args.save_npz and Path(args.save_npz).suffix.lower() != ".npz":
+        parser.error(f"--save-npz must be a .npz path, got {args.save_npz}")
     if args.digit is not None:
         try:
             args.digit = parse_digits(args.digit)
@@ -156,13 +162,11 @@ def check_args(args, parser) -> None:
         if not 0 <= digit <= 9:
             parser.error(f"--interpolate-digits {digit}: digits run from 0 to 9")
     for w in args.guidance or ():
-        if not w >= 0:
-            parser.error(f"--guidance must be >= 0 (0 = unconditional, 1 = plain conditional, "
-                         f"> 1 = guided), got {w:g}")
+        if not 0 <= w < float("inf"):
+            parser.error(f"--guidance must be a finite number >= 0 (0 = unconditional, "
+                         f"1 = plain conditional, > 1 = guided), got {w:g}")
     if not 0 <= args.guidance_rescale <= 1:
         parser.error(f"--guidance-rescale must lie in [0, 1], got {args.guidance_rescale:g}")
-    if args.THREADS is not None and args.THREADS < 0:
-        parser.error(f"--threads must be >= 0, got {args.THREADS}")
 
 
 def main(argv=None) -> int:
@@ -199,11 +203,16 @@ def main(argv=None) -> int:
         check_writable(Path(args.output).parent if args.output else DEFAULT_OUTPUT.parent,
                        "--output")
         check_writable(out_dir, "--output-dir")
+        if args.save_npz:
+            check_writable(Path(args.save_npz).parent, "--save-npz")
         return run(args, overrides, device, out_dir)
     except (ConfigError, CheckpointError, NpzError) as error:
         parser.exit(2, f"generate.py: error: {error}\n")
     except (MNISTError, ClassifierError) as error:
         parser.exit(1, f"generate.py: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "generate.py: interrupted (the files listed above as written are "
+                         "complete)\n")
     finally:
         dist.shutdown()
 

@@ -15,6 +15,7 @@ Every setting of config.Config is a flag (python main.py --help lists them). Fro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -103,7 +104,7 @@ def build_config(args) -> tuple[Config, dict | None]:
 def prepare_folders(config: Config, args, resuming: bool) -> Config:
     """Give the run its folders: a new one under runs/ unless given; a given folder
     that holds another run is refused (unless resuming it, or --overwrite)."""
-    from utils.runs import clear_run, refuse_if_taken
+    from utils.runs import RunLock, clear_run, refuse_if_taken
 
     if args.benchmark:
         return config.replace(OUTPUT_DIR=config.OUTPUT_DIR or "outputs",
@@ -111,12 +112,25 @@ def prepare_folders(config: Config, args, resuming: bool) -> Config:
     if resuming:  # the run's own folders (build_config)
         return config
     if args.overwrite:
-        removed = clear_run(config)
+        with RunLock(config.CHECKPOINT_DIR) if config.CHECKPOINT_DIR else contextlib.nullcontext():
+            removed = clear_run(config)  # never under a run that is training there
         if removed:
             print(f"--overwrite: removed {len(removed)} files of the previous run")
     else:
         refuse_if_taken(config)
     return config  # empty folders: train_model makes a new run folder
+
+
+def next_step(latest: Path) -> str:
+    """The command that draws from the run just trained ("" if it wrote no checkpoint)."""
+    from utils.runs import RUNS_DIR, newest_checkpoint
+
+    if not latest.is_file():
+        return ""
+    newest = newest_checkpoint() if Path(RUNS_DIR).is_dir() else None
+    if newest is not None and newest.resolve() == latest.resolve():
+        return f"next: python generate.py   (draws from the newest run; or --checkpoint {latest})"
+    return f"next: python generate.py --checkpoint {latest}"
 
 
 def describe_plan(trainer) -> str:
@@ -153,8 +167,6 @@ def train_model(config: Config | None = None, resume: dict | str | None = None,
     before writing anything). Holds the run folder's lock while training. Raises the trainer's exceptions (TrainingInterrupted on Ctrl-C after
     saving, ckpt.SaveError when a checkpoint cannot be written, ...).
     """
-    import contextlib
-
     from utils import checkpoint as ckpt
     from utils import distributed as dist
     from utils.runs import RunLock, remove_if_empty, with_run_folders
@@ -213,7 +225,7 @@ def _main(args, parser) -> int:
         config = prepare_folders(config, args, resuming=state is not None)
         check_writable(config.OUTPUT_DIR or "runs", "--output-dir")
         check_writable(config.CHECKPOINT_DIR or "runs", "--checkpoint-dir")
-    except (ConfigError, CheckpointError) as error:
+    except (ConfigError, CheckpointError, RunLockedError) as error:
         parser.exit(2, f"main.py: error: {error}\n")
 
     import torch
@@ -231,8 +243,9 @@ def _main(args, parser) -> int:
             return 0
         model, _ = train_model(config, resume=state, progress=not args.quiet, plan=True,
                                name=args.name)
-        print(f"next: python generate.py   (draws from the newest run; or --checkpoint "
-              f"{Path(model.config.CHECKPOINT_DIR) / 'latest.pt'})")
+        hint = next_step(Path(model.config.CHECKPOINT_DIR) / "latest.pt")
+        if hint:
+            print(hint)
     except RunLockedError as error:
         print(f"main.py: error: {error}", file=sys.stderr)
         return 2

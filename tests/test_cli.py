@@ -82,6 +82,13 @@ def _expect_exit(capsys, entry, argv, code=2):
     (["--timesteps", "10", "--sampling-steps", "20"], "--sampling-steps (20) cannot exceed --timesteps (10)"),
     (["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
+    (["--seed", "-1"], "--seed must lie in [0, 2^63), got -1"),
+    (["--seed", str(2 ** 64)], "--seed must lie in [0, 2^63)"),
+    (["--channels", "3"], "--channels must be 1"),
+    (["--batch-size", "100000"], "--batch-size 100000 exceeds the 60,000 training digits"),
+    (["--train-size", "64", "--batch-size", "128"], "--batch-size 128 exceeds the 64 training"),
 ])
 def test_main_rejects_bad_settings_in_one_line(capsys, tmp_path, argv, expected):
     err = _expect_exit(capsys, main.main, argv + ["--output-dir", str(tmp_path / "o"),
@@ -155,11 +162,27 @@ def test_generate_rejects_bad_sampling_requests(capsys, small_checkpoint, tmp_pa
     assert "--sampler ddpm always takes all 50 steps" in err
     err = _expect_exit(capsys, generate.main, base + ["--num-samples", "0"])
     assert "--num-samples must be positive" in err
-    err = _expect_exit(capsys, generate.main, base + ["--threads", "-1"])
-    assert "--threads must be >= 0, got -1" in err
+    for flags, message in ((["--threads", "-1"], "--threads must be >= 0, got -1"),
+                           (["--eta", "nan"], "--eta must be a finite number, got nan"),
+                           (["--seed", "-1"], "--seed must lie in [0, 2^63), got -1"),
+                           (["--device", "foo"], "--device must be cpu or cuda[:N], got 'foo'"),
+                           (["--save-npz", str(tmp_path / "s")], "--save-npz must be a .npz path"),
+                           (["--save-npz", str(small_checkpoint / "s.npz")],
+                            f"--save-npz {small_checkpoint} cannot be written")):
+        assert message in _expect_exit(capsys, generate.main, base + flags)
     err = _expect_exit(capsys, generate.main, base + ["--interpolate-real", "0", "10000",
                                                        "--no-download", "--data-dir", str(data_dir)])
     assert "--interpolate-real 10000" in err
+
+
+def test_ctrl_c_in_generate_is_one_line(capsys, small_checkpoint, tmp_path, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "run", interrupted)
+    err = _expect_exit(capsys, generate.main, ["--checkpoint", str(small_checkpoint), "--device",
+                                               "cpu", "--output", str(tmp_path / "g.png")], code=130)
+    assert err.startswith("generate.py: interrupted")
 
 
 def test_generate_threads_sets_the_cpu_thread_count(small_checkpoint, tmp_path):
@@ -259,7 +282,7 @@ def test_out_of_memory_suggests_a_smaller_batch(capsys, tmp_path, data_dir, monk
 
     monkeypatch.setattr(trainer.Trainer, "fit", no_memory)
     err = _expect_exit(capsys, main.main, [*TINY, *map(str, dirs(tmp_path, data_dir)),
-                                           "--batch-size", "4096"], code=1)
+                                           "--train-size", "4096", "--batch-size", "4096"], code=1)
     assert "out of memory" in err and "--batch-size 4096" in err and "smaller --batch-size" in err
 
 

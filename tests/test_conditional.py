@@ -384,7 +384,9 @@ def test_evaluate_npz_takes_optional_labels(shared_evaluator, data_dir, tmp_path
     (["--digit", "10"], "digits run from 0 to 9"),
     (["--digit", "x"], "expected a digit 0-9"),
     (["--digit", "9-3"], "a range goes up"),
-    (["--guidance", "-1"], "--guidance must be >= 0"),
+    (["--guidance", "-1"], "--guidance must be a finite number >= 0"),
+    (["--guidance", "inf"], "--guidance must be a finite number >= 0"),
+    (["--digit", "3-"], "expected a digit 0-9"),
     (["--interpolate-digits", "3", "11"], "digits run from 0 to 9"),
 ])
 def test_bad_digits_and_guidance_are_one_line(capsys, argv, message):

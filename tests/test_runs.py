@@ -45,6 +45,7 @@ def test_new_runs_get_their_own_folders_and_generate_takes_the_newest(
     assert generate.main(["--num-samples", "4", "--device", "cpu", "--quiet"]) == 0
     assert f"newest run: {Path('runs') / folders[1].name / 'latest.pt'}" in capsys.readouterr().out
     assert main.main(["--resume", "auto", "--max-steps", "5", "--quiet", *data]) == 0
+    assert "next: python generate.py   (draws from the newest run" in capsys.readouterr().out
     assert ckpt.load_checkpoint(folders[1] / "latest.pt")["step"] == 5
     assert ckpt.load_checkpoint(folders[0] / "latest.pt")["step"] == 2
 
@@ -59,6 +60,17 @@ def test_a_given_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(
     assert main.main(TINY + folders + ["--max-steps", "3", "--overwrite"]) == 0
     state = ckpt.load_checkpoint(tmp_path / "ck" / "latest.pt")
     assert state["step"] == 3 and len(state["losses"]) == 3  # a new run, not a continuation
+
+
+def test_overwrite_never_deletes_under_a_run_that_is_training(capsys, tmp_path, data_dir):
+    folder = tmp_path / "ck"
+    flags = [*TINY, "--data-dir", str(data_dir), "--checkpoint-dir", str(folder)]
+    assert main.main([*flags, "--max-steps", "2"]) == 0
+    assert f"next: python generate.py --checkpoint {folder / 'latest.pt'}" in capsys.readouterr().out
+    with RunLock(folder):  # another run, training there
+        err = expect_one_line(capsys, main.main, [*flags, "--max-steps", "3", "--overwrite"])
+    assert "in use by another training run" in err
+    assert ckpt.load_checkpoint(folder / "latest.pt")["step"] == 2 and (folder / "config.json").is_file()
 
 
 def test_lock_refuses_a_second_holder_and_is_released():
