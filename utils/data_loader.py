@@ -127,7 +127,8 @@ def ensure_mnist(data_dir="./data", download: bool = True) -> Path:
         raise MNISTNotFoundError(
             f"MNIST not found: put the four files {', '.join(MNIST_FILES)} "
             f"(or their .gz) in {raw.resolve()} (missing: {', '.join(missing)}); "
-            f"this machine could not download them")
+            + ("this machine could not download them" if download else
+               "--no-download: no download was tried"))
     return raw
 
 
