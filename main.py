@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from config import (PRESETS, Config, ConfigError, OneLineArgumentParser, add_config_arguments,
-                    check_device, check_writable, config_overrides, default_device)
+                    check_device, check_writable, config_overrides, default_device,
+                    flag_for)
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -221,6 +222,11 @@ def _main(args, parser) -> int:
 
     try:
         config, state = build_config(args)
+        given = config_overrides(args)
+        for name in ("GUIDANCE", "CLASS_DROPOUT"):
+            if name in given and not config.CONDITIONAL:
+                raise ConfigError(f"{flag_for(name)} is for a class-conditional model: add "
+                                  f"--conditional (the CPU preset's default)")
         check_device(config.DEVICE)
         config = prepare_folders(config, args, resuming=state is not None)
         check_writable(config.OUTPUT_DIR or "runs", "--output-dir")

@@ -87,6 +87,8 @@ def _expect_exit(capsys, entry, argv, code=2):
     (["--seed", "-1"], "--seed must lie in [0, 2^63), got -1"),
     (["--seed", str(2 ** 64)], "--seed must lie in [0, 2^63)"),
     (["--channels", "3"], "--channels must be 1"),
+    (["--preset", "cpu", "--no-conditional", "--guidance", "2"], "--guidance is for a class-conditional"),
+    (["--preset", "none", "--class-dropout", "0.2"], "--class-dropout is for a class-conditional"),
     (["--batch-size", "100000"], "--batch-size 100000 exceeds the 60,000 training digits"),
     (["--train-size", "64", "--batch-size", "128"], "--batch-size 128 exceeds the 64 training"),
 ])
