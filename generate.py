@@ -239,7 +239,8 @@ def load_npz(path):
     except (OSError, ValueError) as error:
         if isinstance(error, NpzError):
             raise
-        raise NpzError(f"--evaluate-npz {path} is not a readable .npz ({error})") from None
+        raise NpzError(f"--evaluate-npz {path} is not a readable .npz (a zip of numpy arrays, "
+                       f"as --save-npz writes)") from None
     if samples.dtype != np.uint8 or samples.ndim != 3 or samples.shape[1:] != (28, 28):
         raise NpzError(f"--evaluate-npz {path}: 'samples' must be uint8 (N, 28, 28), got "
                        f"{samples.dtype} {samples.shape}")

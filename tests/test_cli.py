@@ -127,7 +127,8 @@ def small_checkpoint(tmp_path_factory, data_dir):
     return trainer.checkpoint_dir / ckpt.LATEST
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "corrupt", "not_ours", "payload"])
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "corrupt", "not_ours", "payload",
+                                  "text"])
 def test_generate_rejects_bad_checkpoints(capsys, tmp_path, small_checkpoint, kind):
     path = tmp_path / "c.pt"
     data = small_checkpoint.read_bytes()
@@ -138,6 +139,8 @@ def test_generate_rejects_bad_checkpoints(capsys, tmp_path, small_checkpoint, ki
         path.write_bytes(data[: len(data) // 3])
     elif kind == "corrupt":
         path.write_bytes(data[:100] + bytes(len(data) - 100))
+    elif kind == "text":
+        path.write_text("hello")
     elif kind == "not_ours":
         torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     elif kind == "payload":
@@ -147,6 +150,8 @@ def test_generate_rejects_bad_checkpoints(capsys, tmp_path, small_checkpoint, ki
                                                "--output", str(tmp_path / "g.png")])
     assert str(path) in err
     assert not marker.exists()
+    if kind == "text":
+        assert "is not a checkpoint" in err
 
 
 def test_resume_with_a_different_model_is_refused(capsys, small_checkpoint, tmp_path):

@@ -92,6 +92,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} is a folder, not a file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save: a zip (or an old pickle)
+        raise CheckpointError(f"{path} is not a checkpoint: torch.save writes a zip archive, "
+                              f"and this file does not start like one")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
