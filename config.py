@@ -210,7 +210,7 @@ class Config:
             if get_origin(hint) is Literal and getattr(self, name) not in get_args(hint):
                 raise ConfigError(f"unknown {flag_for(name)} {getattr(self, name)!r}; "
                                   f"expected one of {', '.join(get_args(hint))}")
-        if not (self.DEVICE == "cpu" or self.DEVICE.startswith("cuda")):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.DEVICE):
             raise ConfigError(f"--device must be cpu or cuda[:N], got {self.DEVICE!r}")
         return self
 
@@ -316,8 +316,6 @@ def check_device(device: str, flag: str = "--device") -> str:
     """Fail with one line if a CUDA device is asked for and not available."""
     import torch
 
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"{flag} must be cpu or cuda[:N], got {device!r}")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"{flag} {device}: CUDA is not available on this machine; "

@@ -143,12 +143,10 @@ def check_args(args, parser) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    try:  # the flags that are Config fields: the same checks as main.py's
-        Config(**config_overrides(args)).validate()
+    try:  # the flags that are Config fields, and the seed: the same checks as main.py's
+        Config(**config_overrides(args), SEED=args.seed).validate()
     except ConfigError as error:
         parser.error(str(error))
-    if not 0 <= args.seed < 2 ** 63:
-        parser.error(f"--seed must lie in [0, 2^63), got {args.seed}")
     if args.output and Path(args.output).suffix.lower() != ".png":
         parser.error(f"--output must be a .png path, got {args.output}")
     if args.save_npz and Path(args.save_npz).suffix.lower() != ".npz":
@@ -360,8 +358,9 @@ def generate_class_interpolation(model, first: int, last: int, num_steps: int = 
     """Digit `first` turning into digit `last` at fixed noise (a conditional checkpoint):
     column k is sampled with the class embedding (1 - a) e_first + a e_last, a = k/(K-1),
     deterministically (`sampler`, default the checkpoint's, with eta 0; DPM-Solver++ for
-    ddpm), with classifier-free guidance `guidance` (default: the checkpoint's). Returns (pairs, num_steps, 1, 28, 28) in [-1, 1] on the
-    CPU; row r uses the noise of image r under `seed`."""
+    ddpm), with classifier-free guidance `guidance` (default: the checkpoint's). Returns
+    (pairs, num_steps, 1, 28, 28) in [-1, 1] on the CPU; row r uses the noise of image r
+    under `seed`."""
     import torch
 
     from models.interpolation import class_weights
