@@ -203,10 +203,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from utils import distributed as dist
 
-    if dist.launched():  # torchrun: join the others; only rank 0 talks
-        dist.init(config_overrides(args).get("DEVICE") or default_device())
-        if not dist.is_main():
-            sys.stdout = open(os.devnull, "w")
+    if dist.launched() and int(os.environ.get("RANK", "0")) != 0:
+        sys.stdout = open(os.devnull, "w")  # torchrun: only rank 0 talks
     try:
         return _main(args, parser)
     finally:
@@ -222,6 +220,7 @@ def _main(args, parser) -> int:
 
     try:
         config, state = build_config(args)
+        dist.init(config.DEVICE)  # torchrun: join the others, on the run's own device
         given = config_overrides(args)
         for name in ("GUIDANCE", "CLASS_DROPOUT"):
             if name in given and not config.CONDITIONAL:

@@ -131,6 +131,24 @@ def test_sigterm_to_a_two_process_run_saves_once_and_says_how_to_resume(tmp_path
     assert ckpt.load_checkpoint(latest)["step"] == state["step"] + 2
 
 
+def test_the_process_group_joins_on_the_runs_own_device(tmp_path, data_dir, monkeypatch):
+    """The backend (gloo or nccl) follows the device the run trains on, not the machine's
+    default: --preset cpu on a GPU machine joins with gloo."""
+    import main
+    from utils import distributed as dist
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(main, "default_device", lambda: "cuda")  # as on a GPU machine
+    monkeypatch.setattr(dist, "init", joined.append)
+    flags = list(TINY)
+    del flags[flags.index("--device"):flags.index("--device") + 2]  # the device left to the run
+    assert main.main([*flags, "--preset", "cpu", "--data-dir", str(data_dir), "--max-steps", "1",
+                      "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    assert joined == ["cpu"]
+
+
 def test_benchmark_under_torchrun_reports_global_speed_and_scaling(tmp_path, data_dir):
     result = launch(tmp_path, 2, "main.py", *TINY, "--data-dir", data_dir, "--batch-size", 32,
                     "--benchmark", "--output-dir", "bench")

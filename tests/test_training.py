@@ -47,6 +47,29 @@ def test_dataloader_pipeline_gives_the_same_batches(data_dir):
             assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("conditional", [False, True])
+def test_the_dataloader_trains_models_with_and_without_classes(tiny, conditional):
+    """--loader dataloader yields labels either way; a model without classes ignores them."""
+    trainer = Trainer(tiny(LOADER="dataloader", MAX_STEPS=2, CONDITIONAL=conditional),
+                      progress=False, log=lambda *a: None)
+    trainer.fit()
+    assert trainer.step == 2 and all(math.isfinite(loss) for loss in trainer.losses)
+
+
+def test_cuda_random_states_restore_on_a_machine_with_fewer_gpus(monkeypatch):
+    """A checkpoint from an 8-GPU machine resumes on one GPU: the states that exist are set."""
+    from utils import seeding
+
+    state = seeding.capture_rng_state()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s[0]), device)))
+    seeding.restore_rng_state(state)
+    assert restored == [(0, 0)]
+
+
 def test_config_round_trip_and_validation(tmp_path):
     config = Config(MODEL_CHANNELS=8, CHANNEL_MULT=(1, 2), DEVICE="cpu")
     assert Config.from_dict(config.to_dict()) == config

@@ -230,8 +230,8 @@ class Trainer:
         t = self.model.scheduler.sample_timesteps(size, self.device, self.generator,
                                                   self.config.TIMESTEP_SAMPLING)
         noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
-        if self.config.CONDITIONAL:
-            labels = self.drop_labels(labels)
+        # a model without classes ignores the labels (the DataLoader yields them all the same)
+        labels = self.drop_labels(labels) if self.config.CONDITIONAL else None
         part = dist.local_slice(size)
         x0, t, noise = x0[part], t[part], noise[part]
         labels = None if labels is None else labels[part]
