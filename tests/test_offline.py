@@ -175,7 +175,9 @@ def test_the_designs_functions_work_from_python(tmp_path, tiny):
     assert images.shape == (6, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
     assert grid.is_file()
     again = generate_images(loaded, 2, "cpu", show_images=False, progress=False, seed=3)
-    assert torch.equal(again, images[:2])  # image i depends only on (seed, i)
+    # image i depends only on (seed, i), up to float rounding: a CPU may pick another
+    # convolution kernel for another batch size
+    torch.testing.assert_close(again, images[:2], rtol=0, atol=1e-4)
 
     strip = tmp_path / "interp.png"
     path = generate_interpolation(loaded, 5, "cpu", save_path=strip, pairs=2)
