@@ -1,10 +1,12 @@
-"""Every setting of a run, with its default, in one place.
+"""Every setting of a run, with its default, in one place; and the flags derived from it.
 
 `Config` is the single source of truth: `main.py` derives its command-line flags
-from it (`BATCH_SIZE` -> `--batch-size`, the comment becomes the help text), a
-checkpoint stores it as plain values, and `generate.py` rebuilds the model from it.
-Build one Config per run with `Config(**overrides)` or `config.replace(...)`;
-it is frozen, so nothing changes it mid-run.
+from it (`BATCH_SIZE` -> `--batch-size`, the comment becomes the help text, the
+`# --- section ---` comments become the groups of --help), a checkpoint stores it as
+plain values, and `generate.py` rebuilds the model from it. Build one Config per run
+with `Config(**overrides)`, `Config.from_preset(...)` or `config.replace(...)`; it is
+frozen, so nothing changes it mid-run. `PRESETS` name groups of settings for common
+machines; `config_for_resume` says which settings a resumed run may change.
 """
 from __future__ import annotations
 
@@ -12,11 +14,18 @@ import argparse
 import dataclasses
 import inspect
 import math
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
-MNIST_TRAIN_SIZE = 60_000  # digits in the MNIST training set
+import torch
+
+from utils.datasets import NAMES as DATASETS
+from utils.datasets import builtin_classes, builtin_train_size
+from utils.errors import ConfigError  # noqa: F401  (raised by validate; defined with its exit code)
 
 Schedule = Literal["linear", "cosine"]
 Prediction = Literal["eps", "v"]
@@ -28,24 +37,26 @@ Sampler = Literal["ddpm", "ddim", "dpm-solver"]
 Precision = Literal["auto", "fp32", "bf16"]
 Preset = Literal["none", "cpu"]
 Spacing = Literal["auto", "time", "quadratic", "logsnr"]
+MIN_EVAL_SAMPLES = 10  # fewer cannot estimate a covariance or a k-NN radius (k = 3)
+DatasetName = Literal[DATASETS]
+LogBackend = Literal["files", "tensorboard"]
 
 
 def default_device() -> str:
     """'cuda' when a CUDA device is usable, else 'cpu' (evaluated when a Config is built)."""
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass(frozen=True)
 class Config:
     # --- data ---
-    DATA_DIR: str = "./data"  # folder holding MNIST/raw/ with the four IDX files
+    DATASET: DatasetName = "mnist"  # what to learn: mnist (shipped), fashion-mnist, or folder (your images in --data-dir DIR/<class>/)
+    DATA_DIR: str = ""  # where the data is ('' = the repo's data/ folder; for folder: DIR/<class>/*.png)
     BATCH_SIZE: int = 128  # images per optimizer step
-    IMAGE_SIZE: int = 28  # side of the (square) images
-    CHANNELS: int = 1  # image channels (MNIST is greyscale)
-    TRAIN_SIZE: int = 0  # train on the first N digits only (0 = all 60,000; for quick trials)
-    DOWNLOAD: bool = True  # try to download MNIST when the files are missing
+    IMAGE_SIZE: int = 28  # side of the (square) images (a folder's images are resized to it)
+    CHANNELS: int = 1  # image channels: 1 greyscale, 3 colour (a folder dataset's choice)
+    TRAIN_SIZE: int = 0  # train on the first N images only (0 = all; for quick trials)
+    DOWNLOAD: bool = True  # try torchvision's download when the files are missing
     LOADER: Literal["memory", "dataloader"] = "memory"  # batches from a device tensor, or torchvision's DataLoader
     NUM_WORKERS: int = 0  # DataLoader worker processes (with --loader dataloader)
 
@@ -57,7 +68,7 @@ class Config:
     TIME_EMBED_DIM: int = 256  # width of the timestep embedding
     ATTENTION: bool = True  # self-attention at the lowest resolution
     DROPOUT: float = 0.0  # dropout inside residual blocks
-    CONDITIONAL: bool = False  # learn the digit's class too (a class embedding), for --digit and --guidance; the CPU preset turns it on
+    CONDITIONAL: bool = False  # learn the images' classes too (a class embedding), for --digit/--class and --guidance; the CPU preset turns it on
     CLASS_DROPOUT: float = 0.1  # share of each batch trained without its label (the "no class" token)
 
     # --- diffusion ---
@@ -70,7 +81,7 @@ class Config:
     TIMESTEP_SAMPLING: TimestepSampling = "uniform"  # training timesteps: uniform in t, or lognormal in sigma (EDM)
 
     # --- training ---
-    EPOCHS: int = 100  # passes over the 60,000 training digits
+    EPOCHS: int = 100  # passes over the training set
     LEARNING_RATE: float = 1e-4  # AdamW learning rate at BATCH_SIZE 128 (scaled by sqrt(batch/128))
     LR_WARMUP_STEPS: int = 500  # linear learning-rate warm-up, in optimizer steps
     LR_SCHEDULE: LRSchedule = "constant"  # decay over the run's budget (steps, epochs or minutes) to LR_FLOOR at its end
@@ -90,6 +101,7 @@ class Config:
     COMPILE: bool = False  # torch.compile the UNet for training
     THREADS: int = 0  # CPU threads for torch (0 = all cores)
     MAX_BAD_STEPS: int = 10  # stop after this many non-finite losses or gradients in a row
+    LOG: LogBackend = "files"  # files: console, CSV and plots; tensorboard: those and event files in <run>/tb (tensorboard --logdir runs)
 
     # --- outputs ---
     CHECKPOINT_DIR: str = ""  # where checkpoints are written ('' = a new folder under runs/)
@@ -111,6 +123,7 @@ class Config:
 
     # --- provenance ---
     PRESET: Preset = "none"  # the preset this run started from (set by --preset; none = the defaults)
+    CLASS_NAMES: tuple = ()  # the dataset's classes, recorded when a run starts (a folder's subfolders)
 
     @classmethod
     def from_preset(cls, preset: str = "auto", **overrides) -> "Config":
@@ -120,8 +133,7 @@ class Config:
         CPU and 'none' (the defaults) otherwise. A step or epoch budget among the overrides
         replaces the preset's time limit, unless MAX_MINUTES is given too.
         """
-        device = overrides.get("DEVICE") or default_device()
-        name = ("cpu" if device == "cpu" else "none") if preset == "auto" else preset
+        name = resolve_preset(preset, overrides.get("DEVICE"))
         if name not in PRESETS:
             raise ConfigError(f"unknown --preset {preset!r}; expected one of auto, "
                               f"{', '.join(PRESETS)}")
@@ -132,6 +144,16 @@ class Config:
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The dataset's classes: recorded at the run's start, else the dataset's fixed ones."""
+        return tuple(self.CLASS_NAMES) or builtin_classes(self.DATASET) or ()
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the model learns: the dataset's if CONDITIONAL, else 0."""
+        return len(self.class_names) if self.CONDITIONAL else 0
 
     def to_dict(self) -> dict:
         """Plain values only (str, int, float, bool, tuple), safe for weights_only loading."""
@@ -164,13 +186,21 @@ class Config:
             value = getattr(self, name)
             if not value >= 0:
                 raise ConfigError(f"{flag_for(name)} must be >= 0, got {value}")
+        if self.EVAL_EVERY and self.EVAL_SAMPLES < MIN_EVAL_SAMPLES:
+            raise ConfigError(f"--eval-samples must be at least {MIN_EVAL_SAMPLES} (FID needs a "
+                              f"covariance; 1,000 is the default), got {self.EVAL_SAMPLES}")
         if not 0 <= self.SEED < 2 ** 63:
             raise ConfigError(f"--seed must lie in [0, 2^63), got {self.SEED}")
-        if self.CHANNELS != 1:
-            raise ConfigError(f"--channels must be 1: MNIST digits are greyscale, got {self.CHANNELS}")
-        if self.BATCH_SIZE > (self.TRAIN_SIZE or MNIST_TRAIN_SIZE):
+        if self.DATASET != "folder" and (self.CHANNELS, self.IMAGE_SIZE) != (1, 28):
+            raise ConfigError(f"--dataset {self.DATASET} has 28x28 greyscale images: --channels 1 "
+                              f"and --image-size 28 (other values are for --dataset folder), got "
+                              f"--channels {self.CHANNELS} --image-size {self.IMAGE_SIZE}")
+        if self.CHANNELS not in (1, 3):
+            raise ConfigError(f"--channels must be 1 (greyscale) or 3 (colour), got {self.CHANNELS}")
+        available = builtin_train_size(self.DATASET)
+        if available and self.BATCH_SIZE > (self.TRAIN_SIZE or available):
             raise ConfigError(f"--batch-size {self.BATCH_SIZE} exceeds the "
-                              f"{self.TRAIN_SIZE or MNIST_TRAIN_SIZE:,} training digits")
+                              f"{self.TRAIN_SIZE or available:,} training images")
         if not 0 < self.BETA_START < 1:
             raise ConfigError(f"--beta-start must lie in (0, 1), got {self.BETA_START}")
         if not 0 < self.BETA_END < 1:
@@ -215,15 +245,23 @@ class Config:
         return self
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the flag and what is valid."""
-
-
 # Settings that may differ when a run is resumed: they steer the run, not what is learned.
 RUN_CONTROL = {"EPOCHS", "MAX_STEPS", "MAX_MINUTES", "DEVICE", "LOADER", "NUM_WORKERS", "THREADS", "CHECKPOINT_DIR", "OUTPUT_DIR",
                "DATA_DIR", "DOWNLOAD", "SAVE_EVERY", "SAVE_EVERY_STEPS", "KEEP", "NUM_SAMPLES",
                "PRINT_EVERY", "EVAL_EVERY", "EVAL_SAMPLES", "SAMPLER", "SAMPLING_STEPS",
-               "ETA", "SPACING", "GUIDANCE", "MAX_BAD_STEPS", "COMPILE", "PRESET"}
+               "ETA", "SPACING", "GUIDANCE", "MAX_BAD_STEPS", "COMPILE", "PRESET", "LOG"}
+
+
+def config_for_resume(saved: Config, requested: dict) -> Config:
+    """The saved run's config with the explicitly requested run-control settings applied.
+
+    Anything else that differs from the checkpoint is a mismatch: ConfigError.
+    """
+    for name, value in requested.items():
+        if name not in RUN_CONTROL and getattr(saved, name) != value:
+            raise ConfigError(f"{flag_for(name)} {value} does not match the checkpoint "
+                              f"({getattr(saved, name)}); drop the flag to continue that run")
+    return saved.replace(**{k: v for k, v in requested.items() if k in RUN_CONTROL})
 
 # Named groups of settings for common machines; explicit flags still win.
 PRESETS = {
@@ -243,6 +281,11 @@ PRESETS = {
 
 # Flags whose name is not simply the field's name in kebab case.
 FLAG_NAMES = {"LEARNING_RATE": "--lr", "SCHEDULE_TYPE": "--schedule"}
+# Fields that are recorded, not asked for: no flag.
+NOT_FLAGS = {"PRESET", "CLASS_NAMES"}
+# The flags most runs need, shown first in --help.
+COMMON = ("EPOCHS", "MAX_MINUTES", "MAX_STEPS", "BATCH_SIZE", "LEARNING_RATE", "CONDITIONAL",
+          "DATASET", "DATA_DIR", "DEVICE", "SEED", "LOG")
 
 
 def flag_for(name: str) -> str:
@@ -250,14 +293,30 @@ def flag_for(name: str) -> str:
     return FLAG_NAMES.get(name, "--" + name.lower().replace("_", "-"))
 
 
+def _source_lines() -> list[str]:
+    try:
+        return inspect.getsource(Config).splitlines()
+    except (OSError, TypeError):
+        return []
+
+
 def field_help() -> dict:
     """The one-line comment after each field above, used as its --help text."""
-    try:
-        source = inspect.getsource(Config)
-    except (OSError, TypeError):
-        return {}
-    pattern = re.compile(r"^\s+([A-Z_]+):[^#]*#\s*(.+)$", re.MULTILINE)
-    return {name: text.strip() for name, text in pattern.findall(source)}
+    pattern = re.compile(r"^\s+([A-Z_]+):[^#]*#\s*(.+)$")
+    return {m.group(1): m.group(2).strip() for m in map(pattern.match, _source_lines()) if m}
+
+
+def field_sections() -> dict:
+    """Each field's section, from the `# --- name ---` comments above it."""
+    sections, current = {}, "settings"
+    for line in _source_lines():
+        header = re.match(r"^\s+# --- (.+) ---", line)
+        if header:
+            current = header.group(1)
+        field_match = re.match(r"^\s+([A-Z_]+):", line)
+        if field_match:
+            sections[field_match.group(1)] = current
+    return sections
 
 
 # ----- command-line flags, derived from the fields above -----
@@ -268,27 +327,57 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see: python {self.prog} --help)\n")
 
 
+def _shown_default(name: str, defaults: dict, preset_values: dict, preset: str) -> str:
+    """What --help says a field defaults to: the value this machine's run will use."""
+    if name in preset_values and preset_values[name] != defaults.get(name):
+        value = preset_values[name]
+        return (f"{_text(value)} here (--preset {preset}, this machine's); "
+                f"{_text(defaults[name])} with --preset none")
+    return _text(defaults[name]) if name in defaults else ""
+
+
+def _text(value) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return "''" if value == "" else str(value)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, names=None, rename: dict | None = None,
-                         default_note: dict | None = None, help_text: dict | None = None):
-    """Add a flag for each Config field in `names` (all if None), typed from its annotation,
-    with its comment as help. Defaults are None, so `config_overrides` sees only what was given;
-    default_note replaces the shown default of some fields (e.g. "the checkpoint's") and
-    help_text the comment (for a script that uses the setting differently)."""
+                         default_note: dict | None = None, help_text: dict | None = None,
+                         preset: str | None = None, groups: bool = False):
+    """Add a flag for each Config field in `names` (all flags if None), typed from its
+    annotation, with its comment as help. Defaults are None, so `config_overrides` sees only
+    what was given. default_note replaces the shown default of some fields (e.g. "the
+    checkpoint's"), help_text the comment (for a script that uses the setting differently).
+    preset: show the defaults a run on this machine takes from that preset ('auto' resolves
+    by the device). groups: the common flags first, then one group per config section."""
     rename = rename or {}
     helps = {**field_help(), **(help_text or {})}
     hints = get_type_hints(Config)
-    defaults = _defaults()
-    for f in dataclasses.fields(Config):
-        if names is not None and f.name not in names:
-            continue
-        hint = hints[f.name]
-        flag = rename.get(f.name, flag_for(f.name))
-        text = helps.get(f.name, "")
-        if default_note and f.name in default_note:
-            text += f" (default: {default_note[f.name]})"
-        elif f.name in defaults:
-            text += f" (default: {defaults[f.name]})"
-        kwargs = dict(dest=f.name, default=None, help=text)
+    defaults = {**_defaults(), "DEVICE": f"{default_device()} on this machine (cuda when available)"}
+    chosen = resolve_preset(preset) if preset else "none"
+    preset_values = {k: v for k, v in PRESETS.get(chosen, {}).items() if k != "DEVICE"} \
+        if preset else {}
+    sections = field_sections()
+    names = [f.name for f in dataclasses.fields(Config)
+             if (names is None and f.name not in NOT_FLAGS) or (names is not None and f.name in names)]
+    if groups:
+        names.sort(key=lambda n: (n not in COMMON, COMMON.index(n) if n in COMMON else 0))
+    group_of = {}
+    for name in names:
+        target = parser
+        if groups:
+            title = "common settings" if name in COMMON else sections.get(name, "settings")
+            if title not in group_of:
+                group_of[title] = parser.add_argument_group(title)
+            target = group_of[title]
+        hint = hints[name]
+        text = helps.get(name, "")
+        shown = (default_note or {}).get(name) or _shown_default(name, defaults, preset_values,
+                                                                 chosen)
+        if shown:
+            text += f" (default: {shown})"
+        kwargs = dict(dest=name, default=None, help=text.replace("%", "%%"))
         if get_origin(hint) is Literal:
             kwargs.update(choices=get_args(hint), metavar="{" + ",".join(get_args(hint)) + "}")
         elif hint is bool:
@@ -296,8 +385,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, names=None, rename: di
         elif hint is tuple:
             kwargs.update(type=int, nargs="+", metavar="M")
         else:
-            kwargs.update(type=hint, metavar=f.name.split("_")[-1])
-        parser.add_argument(flag, **kwargs)
+            kwargs.update(type=hint, metavar=name.split("_")[-1])
+        target.add_argument(rename.get(name, flag_for(name)), **kwargs)
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
@@ -312,10 +401,15 @@ def _defaults() -> dict:
             if f.default is not dataclasses.MISSING}
 
 
+def resolve_preset(preset: str = "auto", device: str | None = None) -> str:
+    """'auto' -> 'cpu' on a machine (or DEVICE) without CUDA, 'none' with it."""
+    if preset != "auto":
+        return preset
+    return "cpu" if (device or default_device()) == "cpu" else "none"
+
+
 def check_device(device: str, flag: str = "--device") -> str:
     """Fail with one line if a CUDA device is asked for and not available."""
-    import torch
-
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"{flag} {device}: CUDA is not available on this machine; "
@@ -328,14 +422,14 @@ def check_device(device: str, flag: str = "--device") -> str:
 
 
 def check_writable(folder, flag: str) -> None:
-    """Create `folder` if needed and make sure a file can be written there."""
-    import os
-    import tempfile
-    from pathlib import Path
-
+    """Make sure a file can be written in `folder` (or, if it does not exist yet, could be
+    created there), without leaving anything behind."""
+    target = Path(folder)
+    existing = next((p for p in [target, *target.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {folder} cannot be written ({existing} is a file, not a folder)")
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as error:

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from config import Config, ConfigError
 from models import samplers
 from models.unet import UNet
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.noise_scheduler import NoiseScheduler
 from utils.seeding import PerSampleNoise
-
-NUM_CLASSES = 10  # the digits 0-9, for class-conditional models
 
 
 class DiffusionModel(nn.Module):
@@ -27,6 +27,8 @@ class DiffusionModel(nn.Module):
     NoiseScheduler; in_channels .. dropout build the UNet; prediction is what the
     network outputs ('eps' or 'v'); loss_weighting is 'none' or 'min-snr'; num_classes > 0
     makes the network class-conditional (labels num_classes, or None, mean "no class").
+    `model.config` is the Config it was built from (`from_config`, `from_checkpoint`), or
+    one describing these arguments.
     """
 
     def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -34,8 +36,18 @@ class DiffusionModel(nn.Module):
                  schedule_type: str = "linear", channel_mult: tuple = (1, 2, 2),
                  num_res_blocks: int = 2, attention: bool = True, dropout: float = 0.0,
                  image_size: int = 28, prediction: str = "eps", loss_weighting: str = "none",
-                 clip_x0: bool = True, patch_size: int = 1, num_classes: int = 0):
+                 clip_x0: bool = True, patch_size: int = 1, num_classes: int = 0,
+                 config: Config | None = None):
         super().__init__()
+        self.config = config or Config(
+            TIMESTEPS=timesteps, BETA_START=beta_start, BETA_END=beta_end, CHANNELS=in_channels,
+            MODEL_CHANNELS=model_channels, TIME_EMBED_DIM=time_embed_dim,
+            SCHEDULE_TYPE=schedule_type, CHANNEL_MULT=tuple(channel_mult),
+            NUM_RES_BLOCKS=num_res_blocks, ATTENTION=attention, DROPOUT=dropout,
+            IMAGE_SIZE=image_size, PREDICTION=prediction, LOSS_WEIGHTING=loss_weighting,
+            PATCH_SIZE=patch_size, CONDITIONAL=num_classes > 0,
+            DATASET="mnist" if (in_channels, image_size) == (1, 28) else "folder",
+            CLASS_NAMES=tuple(str(k) for k in range(num_classes)), DEVICE="cpu")
         self.scheduler = NoiseScheduler(timesteps, beta_start, beta_end, schedule_type)
         self.unet = UNet(in_channels, model_channels, time_embed_dim, tuple(channel_mult),
                          num_res_blocks, attention, dropout, patch_size=patch_size,
@@ -49,8 +61,8 @@ class DiffusionModel(nn.Module):
         self.clip_x0 = clip_x0
 
     @classmethod
-    def from_config(cls, config) -> "DiffusionModel":
-        return cls(timesteps=config.TIMESTEPS, beta_start=config.BETA_START,
+    def from_config(cls, config: Config) -> "DiffusionModel":
+        return cls(config=config, timesteps=config.TIMESTEPS, beta_start=config.BETA_START,
                    beta_end=config.BETA_END, in_channels=config.CHANNELS,
                    model_channels=config.MODEL_CHANNELS, time_embed_dim=config.TIME_EMBED_DIM,
                    schedule_type=config.SCHEDULE_TYPE, channel_mult=config.CHANNEL_MULT,
@@ -58,7 +70,7 @@ class DiffusionModel(nn.Module):
                    dropout=config.DROPOUT, image_size=config.IMAGE_SIZE,
                    prediction=config.PREDICTION, loss_weighting=config.LOSS_WEIGHTING,
                    patch_size=config.PATCH_SIZE,
-                   num_classes=NUM_CLASSES if config.CONDITIONAL else 0)
+                   num_classes=config.num_classes)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", ema: bool = True):
@@ -67,9 +79,6 @@ class DiffusionModel(nn.Module):
         ema=True loads the averaged weights used for sampling; False the raw weights.
         Raises utils.checkpoint.CheckpointError for a bad file.
         """
-        from config import Config, ConfigError
-        from utils.checkpoint import CheckpointError, load_checkpoint
-
         state = load_checkpoint(path)
         try:
             config = Config.from_dict(state["config"]).validate()

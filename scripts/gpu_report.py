@@ -45,6 +45,16 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from config import PRESETS, Config
+from models.diffusion import DiffusionModel
+from evaluation.metrics import Evaluator
+from training.benchmark import benchmark_sampling, benchmark_training
+from training.trainer import Trainer, TrainingInterrupted
+from utils.datasets import open_dataset
+from utils.files import save_json
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("cuda_tests", "benchmark", "batch_sweep", "time_to_quality", "budget_recipe",
           "sampling")  # as shown
@@ -145,8 +155,6 @@ class Report:
         return row
 
     def write(self):
-        from utils.metrics import save_json
-
         self.out.mkdir(parents=True, exist_ok=True)
         for path, write in [(self.out / "report.json", lambda p: save_json(self.data, p)),
                             (self.out / "report.md", lambda p: p.write_text(self.markdown()))]:
@@ -200,8 +208,6 @@ class Run:
         return self.deadline - time.monotonic()
 
     def base_config(self, **changes):
-        from config import Config
-
         work = self.work
         settings = {"BATCH_SIZE": self.plan.batch, **self.plan.model, **changes}
         return Config(**settings, DEVICE=self.plan.device,
@@ -219,18 +225,14 @@ class Run:
         return name, dict(self.plan.variants)[name]
 
     def get_evaluator(self):
-        from utils.metrics import Evaluator
-
         if self.evaluator is None:
-            self.evaluator = Evaluator(self.data_dir, device=self.plan.device, progress=False,
-                                       log=_say, download=False)
+            self.evaluator = Evaluator(open_dataset("mnist", self.data_dir, download=False),
+                                       device=self.plan.device, progress=False, log=_say)
         return self.evaluator
 
 
 def _free_memory():
     """Give back what dropped models held (the CUDA cache too), before the next one."""
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -290,9 +292,6 @@ def stage_cuda_tests(run: Run):
 # ----- stage: training speed -----
 def _measure_training(run: Run, config) -> dict:
     """benchmark_training on a fresh Trainer; the memory is freed afterwards."""
-    from utils.benchmark import benchmark_training
-    from utils.trainer import Trainer
-
     trainer = Trainer(config, progress=False, log=lambda *a: None)
     try:
         batch = config.BATCH_SIZE
@@ -402,8 +401,6 @@ def stage_time_to_quality(run: Run):
     """One Trainer, continued to each mark: its MAX_MINUTES (run control, which a resumed
     run may change too) is raised stretch by stretch, so the UNet is compiled once and the
     run is the same as one uninterrupted run (evaluation time is not training time)."""
-    from utils.trainer import Trainer
-
     name, changes = run.best_variant()
     plan = run.plan
     trainer = Trainer(run.base_config(**changes), progress=False, log=_say,
@@ -419,8 +416,7 @@ def stage_time_to_quality(run: Run):
             run.report.add("time_to_quality", setting,
                            f"not reached: out of time ({run.remaining():.0f} s left)", skipped=True)
             break
-        trainer.config = trainer.config.replace(MAX_MINUTES=mark / 60, EVAL_SAMPLES=samples)
-        trainer.timed_out = False
+        trainer.extend(MAX_MINUTES=mark / 60, EVAL_SAMPLES=samples)
         trainer.fit()
         record = trainer.evaluate()
         run.report.add(
@@ -440,11 +436,6 @@ def stage_time_to_quality(run: Run):
 
 # ----- stage: sampling -----
 def stage_sampling(run: Run):
-    import torch
-
-    from models import DiffusionModel
-    from utils.benchmark import benchmark_sampling
-
     plan = run.plan
     if run.trainer is not None:
         model, config = run.trainer.ema, run.trainer.config
@@ -514,9 +505,6 @@ def stage_budget_recipe(run: Run):
     """Fresh runs of plan.recipe_s seconds with the budget recipe (decay to 0 at the end,
     power EMA), unconditional and conditional, each scored on plan.eval_samples digits
     like time_to_quality's flat schedule at the same mark (if it got there)."""
-    from config import PRESETS
-    from utils.trainer import Trainer
-
     run.trainer = None  # sampling, which ran before, is done with time_to_quality's model
     _free_memory()
     name, changes = run.best_variant()
@@ -569,8 +557,6 @@ STAGE_FUNCTIONS = {"cuda_tests": stage_cuda_tests, "benchmark": stage_benchmark,
 def run_stage(run: Run, name: str, function=None) -> bool:
     """Run one stage, recording ok / failed (with the error's last line); returns False
     when the run was told to stop (SIGTERM, SIGINT)."""
-    from utils.trainer import TrainingInterrupted
-
     function = function or STAGE_FUNCTIONS[name]
     _say(f"\n=== {name} ({run.remaining():.0f} s of the budget left) ===")
     run.report.set_status(name, "running")
@@ -590,10 +576,6 @@ def run_stage(run: Run, name: str, function=None) -> bool:
 
 
 def _header(plan: Plan, argv: list[str], dry_run: bool) -> dict:
-    import torch
-
-    from config import Config
-
     on_gpu = plan.device == "cuda" and torch.cuda.is_available()
     config = Config(**plan.model, DEVICE="cpu")
     try:
@@ -645,8 +627,6 @@ def main(argv=None) -> int:
     plan = DRY if args.dry_run else GPU
     if args.budget_s:
         plan = dataclasses.replace(plan, budget_s=args.budget_s)
-    import torch
-
     if plan.device == "cuda" and not torch.cuda.is_available():
         print("gpu_report: error: CUDA is not available on this machine; use --dry-run for the "
               "CPU rehearsal", file=sys.stderr)
@@ -662,10 +642,8 @@ def main(argv=None) -> int:
     run = Run(plan, report, args.data_dir, work, out)
     code = 0
     try:
-        from utils.data_loader import ensure_mnist
-
-        try:  # unpacks the .gz files before the tests; a failure shows in the stages too
-            ensure_mnist(args.data_dir, download=False)
+        try:  # checks the data before the tests; a failure shows in the stages too
+            open_dataset("mnist", args.data_dir, download=False).load("train")
         except Exception as error:
             report.data["header"]["data_error"] = _last_line(error)
             _say(f"MNIST: {_last_line(error)}")

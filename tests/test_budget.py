@@ -1,18 +1,17 @@
 """Training that knows its budget: learning-rate decay to the end of the budget (steps,
-epochs or minutes, the last with a fake clock), the power EMA's averaging length, exact
-resume mid-decay, and log-normal timesteps."""
+epochs or minutes, the last with a fake clock), the power EMA's averaging length, the
+progress bar's share of the budget, and log-normal timesteps. (Exact resume mid-decay:
+tests/test_training.py.)"""
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import quiet
+from training.schedules import lr_decay, power_ema_gamma
+from training.trainer import Trainer
 from utils.noise_scheduler import EDM_P_MEAN, EDM_P_STD, NoiseScheduler
-from utils.trainer import Trainer, lr_decay, power_ema_gamma
-
-
-def quiet(*args):
-    pass
 
 
 def _lrs(trainer, fake_seconds_per_step=None):
@@ -76,41 +75,27 @@ def test_without_a_decaying_schedule_the_lr_is_flat_after_warm_up(tiny):
     assert lrs[0] == pytest.approx(trainer.base_lr / 2) and set(lrs[1:]) == {trainer.base_lr}
 
 
-def _train(config, resume=None):
-    trainer = Trainer(config, resume=resume, progress=False, log=quiet)
-    trainer.fit()
-    return trainer
+def test_the_progress_bar_counts_toward_whichever_budget_ends_the_run(tiny):
+    """A time budget drives the bar when it comes first, a step budget otherwise: the bar
+    reaches 100% exactly when the run ends, never before."""
+    trainer = Trainer(tiny(MAX_STEPS=1000, MAX_MINUTES=0.25), progress=False, log=quiet)
+    done = {"steps": 0}
+    step = trainer.train_step
+    seen = []
 
-
-def test_resume_mid_decay_with_the_power_ema_is_exact(tiny, tmp_path):
-    """Stop a 9-step decaying run after 4 steps (as Ctrl-C does), resume it: the same
-    weights, EMA and losses as the run that never stopped."""
-    from utils import checkpoint as ckpt
-    from utils.trainer import TrainingInterrupted
-
-    settings = dict(MAX_STEPS=9, LR_SCHEDULE="cosine", LR_FLOOR=0.0, EMA_RULE="power",
-                    EMA_STD=0.1, TIMESTEP_SAMPLING="lognormal", SAVE_EVERY=100)
-    straight = _train(tiny(CHECKPOINT_DIR=str(tmp_path / "a"), **settings))
-    first = Trainer(tiny(CHECKPOINT_DIR=str(tmp_path / "b"), **settings), progress=False, log=quiet)
-    step = first.train_step
-
-    def stop_after_four(*batch):
+    def counting(*batch):
         out = step(*batch)
-        if first.step + 1 == 4:
-            first._stop_signal = "SIGINT"
+        done["steps"] += 1
+        seen.append(trainer.progress_fraction(done["steps"] * 1.5))
         return out
 
-    first.train_step = stop_after_four
-    with pytest.raises(TrainingInterrupted):
-        first.fit()
-    state = ckpt.load_checkpoint(tmp_path / "b" / ckpt.LATEST)
-    assert state["step"] == 4
-    resumed = _train(first.config, resume=state)
-    for name, value in straight.ema.state_dict().items():
-        assert torch.equal(value, resumed.ema.state_dict()[name]), name
-    for name, value in straight.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[name]), name
-    assert straight.losses == resumed.losses
+    trainer.train_step = counting
+    trainer.clock = lambda: done["steps"] * 1.5  # 10 steps fill the 15 seconds
+    trainer.fit()
+    assert trainer.step == 10 and seen[-1] == 1.0 and seen[4] == pytest.approx(0.5)
+    steps_only = Trainer(tiny(MAX_STEPS=8), progress=False, log=quiet)
+    steps_only.fit()
+    assert steps_only.progress_fraction(0.0) == 1.0
 
 
 @pytest.mark.parametrize("std", [0.05, 0.1])

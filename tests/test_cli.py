@@ -1,11 +1,7 @@
 """Layer 5: the two scripts as a user runs them, good input and bad."""
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,19 +10,14 @@ from PIL import Image
 
 import generate
 import main
-from conftest import expect_one_line
+from helpers import TINY_FLAGS as TINY
+from helpers import expect_one_line, run_script, start_script, tiny_config, train
+from training import trainer as trainer_module
 from utils import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model-channels", "8", "--time-embed-dim", "16", "--num-res-blocks", "1",
-        "--timesteps", "50", "--train-size", "64", "--batch-size", "16", "--sampling-steps", "5",
-        "--num-samples", "4", "--device", "cpu", "--no-download", "--quiet", "--preset", "none"]
 
-
-def run(script, *args, timeout=240, **kwargs):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+def run(script, *args, timeout=240):
+    return run_script(script, *args, timeout=timeout)
 
 
 def dirs(tmp_path, data_dir):
@@ -34,6 +25,7 @@ def dirs(tmp_path, data_dir):
             tmp_path / "out"]
 
 
+@pytest.mark.slow
 def test_train_then_generate_end_to_end(tmp_path, data_dir):
     result = run("main.py", *TINY, *dirs(tmp_path, data_dir), "--max-steps", 3)
     assert result.returncode == 0, result.stderr
@@ -86,10 +78,13 @@ def _expect_exit(capsys, entry, argv, code=2):
     (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
     (["--seed", "-1"], "--seed must lie in [0, 2^63), got -1"),
     (["--seed", str(2 ** 64)], "--seed must lie in [0, 2^63)"),
-    (["--channels", "3"], "--channels must be 1"),
+    (["--channels", "3"], "--dataset mnist has 28x28 greyscale images"),
+    (["--dataset", "folder", "--channels", "2"], "--channels must be 1 (greyscale) or 3"),
+    (["--name", "x" * 300], "--name is 300 characters"),
+    (["--eval-every", "1", "--eval-samples", "1"], "--eval-samples must be at least 10"),
     (["--preset", "cpu", "--no-conditional", "--guidance", "2"], "--guidance is for a class-conditional"),
     (["--preset", "none", "--class-dropout", "0.2"], "--class-dropout is for a class-conditional"),
-    (["--batch-size", "100000"], "--batch-size 100000 exceeds the 60,000 training digits"),
+    (["--batch-size", "100000"], "--batch-size 100000 exceeds the 60,000 training images"),
     (["--train-size", "64", "--batch-size", "128"], "--batch-size 128 exceeds the 64 training"),
 ])
 def test_main_rejects_bad_settings_in_one_line(capsys, tmp_path, argv, expected):
@@ -118,13 +113,8 @@ def test_unwritable_output_folder_is_caught_before_training(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory, data_dir):
-    from conftest import tiny_config
-    from utils.trainer import Trainer
-
     tmp = tmp_path_factory.mktemp("ckpt")
-    trainer = Trainer(tiny_config(tmp, data_dir, MAX_STEPS=2), progress=False, log=lambda *a: None)
-    trainer.fit()
-    return trainer.checkpoint_dir / ckpt.LATEST
+    return train(tiny_config(tmp, data_dir, MAX_STEPS=2)).checkpoint_dir / ckpt.LATEST
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "corrupt", "not_ours", "payload",
@@ -212,6 +202,7 @@ def test_missing_data_names_the_files_and_folder(capsys, tmp_path):
     assert str((tmp_path / "nodata" / "MNIST" / "raw").resolve()) in err
 
 
+@pytest.mark.slow
 def test_bad_flag_in_a_real_process_prints_no_traceback():
     result = run("main.py", "--epochs", "0")
     assert result.returncode == 2
@@ -220,10 +211,7 @@ def test_bad_flag_in_a_real_process_prints_no_traceback():
 
 
 def _start_training(tmp_path, data_dir, *extra):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *TINY, *map(str, dirs(tmp_path, data_dir)),
-                             "--epochs", "100000", *map(str, extra)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script("main.py", *TINY, *dirs(tmp_path, data_dir), "--epochs", "100000", *extra)
 
 
 def _wait_for(condition, timeout=60.0):
@@ -235,6 +223,7 @@ def _wait_for(condition, timeout=60.0):
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tmp_path, data_dir, sig, code):
     proc = _start_training(tmp_path, data_dir, "--save-every", 1000)
@@ -251,6 +240,8 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tmp_path, data_dir,
     assert "Traceback" not in err
     state = ckpt.load_checkpoint(latest)
     assert state["step"] > 0
+    for name in ("loss_history.csv", "loss.png", "samples_final.png", "config.json"):
+        assert (tmp_path / "out" / name).is_file(), name  # written at the stop, not only at the end
     target = state["step"] + 2
     result = run("main.py", "--resume", "auto", "--checkpoint-dir", tmp_path / "ck",
                  "--max-steps", target, "--quiet", "--no-download", "--data-dir", data_dir)
@@ -258,6 +249,7 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tmp_path, data_dir,
     assert ckpt.load_checkpoint(latest)["step"] == target
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, data_dir):
     """Kill -9 a run that rewrites latest.pt every step, several times, at random moments."""
     rng = random.Random(0)
@@ -281,16 +273,17 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
     assert not list((tmp_path / "ck").glob(".*tmp*"))  # stale temporaries cleaned up
 
 
-def test_out_of_memory_suggests_a_smaller_batch(capsys, tmp_path, data_dir, monkeypatch):
-    from utils import trainer
-
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. "
+                                                "DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_suggests_a_smaller_batch(capsys, tmp_path, data_dir, monkeypatch, error):
     def no_memory(self):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
 
-    monkeypatch.setattr(trainer.Trainer, "fit", no_memory)
+    monkeypatch.setattr(trainer_module.Trainer, "fit", no_memory)
     err = _expect_exit(capsys, main.main, [*TINY, *map(str, dirs(tmp_path, data_dir)),
                                            "--train-size", "4096", "--batch-size", "4096"], code=1)
-    assert "out of memory" in err and "--batch-size 4096" in err and "smaller --batch-size" in err
+    assert "out of memory" in err and "--batch-size 4096" in err and "e.g. 2048" in err
 
 
 def _copy_checkpoint(source, tmp_path, **config_changes):
@@ -309,7 +302,8 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(capsys, small_checkp
                       "--output-dir", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "nothing to do" in out and "step 2 of 2" in out and "--max-steps" in out
-    assert path.stat().st_mtime_ns == before and not list((tmp_path / "out").glob("*"))
+    assert path.stat().st_mtime_ns == before
+    assert not [p for p in (tmp_path / "out").glob("*") if p.name != ".lock"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

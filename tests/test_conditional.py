@@ -8,14 +8,12 @@ import torch
 import generate
 import main
 from config import Config
-from conftest import expect_one_line
+from helpers import expect_one_line, quiet
 from models.diffusion import DiffusionModel
+from training.benchmark import benchmark_sampling
+from training.trainer import Trainer
 from utils import checkpoint as ckpt
-from utils.trainer import Trainer
-
-
-def quiet(*args):
-    pass
+from utils.data_loader import to_uint8
 
 
 def _random_conditional_model(prediction="v") -> DiffusionModel:
@@ -147,8 +145,6 @@ def test_a_conditional_model_draws_digits_where_none_are_asked_for():
 
 def test_the_sampling_benchmark_times_a_conditional_model_as_it_samples():
     """Digits 0-9 in turn, guided: two network evaluations a step, counted as such."""
-    from utils.benchmark import benchmark_sampling
-
     model = _random_conditional_model()
     result = benchmark_sampling(model, count=4, batch=2, steps=3, guidance=2.0, log=quiet)
     assert result["sampling_nfe"] == 6
@@ -202,35 +198,12 @@ def test_label_dropout_replaces_labels_at_the_configured_rate(tiny, rate):
 def test_conditional_training_sees_each_images_own_label(tiny):
     """The batcher's labels travel with their images (the label of a batch is that of the
     digits in it, in the same order)."""
-    from utils.data_loader import load_mnist
-
     trainer = Trainer(tiny(CONDITIONAL=True), progress=False, log=quiet)
-    images, labels = load_mnist(trainer.config.DATA_DIR)
+    images, labels = trainer.dataset.load("train")
     for x, y in trainer.batcher.labelled(1, 1):
         for image, label in zip(x, y):
-            match = (images[:64].float() / 127.5 - 1 == image[0]).flatten(1).all(1)
+            match = (images[:64, 0].float() / 127.5 - 1 == image[0]).flatten(1).all(1)
             assert labels[:64][match].tolist() == [label.item()]
-
-
-def _train(config, resume=None):
-    trainer = Trainer(config, resume=resume, progress=False, log=quiet)
-    trainer.fit()
-    return trainer
-
-
-def test_conditional_resume_is_exact(tiny, tmp_path):
-    from utils.trainer import config_for_resume
-
-    settings = dict(CONDITIONAL=True, CLASS_DROPOUT=0.5, MAX_STEPS=7, SAVE_EVERY=100)
-    straight = _train(tiny(CHECKPOINT_DIR=str(tmp_path / "a"), **settings))
-    first = _train(tiny(CHECKPOINT_DIR=str(tmp_path / "b"), **{**settings, "MAX_STEPS": 3}))
-    state = ckpt.load_checkpoint(first.checkpoint_dir / ckpt.LATEST)
-    config = config_for_resume(Config.from_dict(state["config"]), {"MAX_STEPS": 7})
-    resumed = _train(config, resume=state)
-    assert resumed.losses == straight.losses
-    for name, value in straight.ema.state_dict().items():
-        assert torch.equal(value, resumed.ema.state_dict()[name]), name
-    assert straight.model.unet.class_embed.weight.abs().sum() > 0  # the embedding learned
 
 
 @pytest.fixture(scope="module")
@@ -288,9 +261,7 @@ def test_a_conditional_checkpoint_round_trips_through_generate(conditional_check
     model = generate.load_model(conditional_checkpoint, "cpu")
     images = generate.generate_images(model, 6, digits=[7], guidance=3.0, show_images=False,
                                       progress=False)
-    from utils.data_loader import to_uint8
-
-    assert np.array_equal(to_uint8(images).numpy(), np.load(npz)["samples"])
+    assert np.array_equal(to_uint8(images)[:, 0].numpy(), np.load(npz)["samples"])
     # a class grid, one row per digit, and a guidance strip
     grid = tmp_path / "grid.png"
     assert generate.main(["--checkpoint", str(conditional_checkpoint), "--digit", "0-9",
@@ -311,11 +282,11 @@ def test_a_conditional_checkpoint_round_trips_through_generate(conditional_check
     assert Image.open(morph).size[0] > Image.open(morph).size[1]
     # noise and real-digit interpolations take the digits too (the real ones their labels:
     # test digits 0 and 1 are a 7 and a 2)
-    import models.interpolation
+    import sampling.api
 
     inverted_with = []
-    invert = models.interpolation.invert
-    monkeypatch.setattr(models.interpolation, "invert", lambda model, images, steps, precision,
+    invert = sampling.api.invert
+    monkeypatch.setattr(sampling.api, "invert", lambda model, images, steps, precision,
                         labels: inverted_with.append(labels.tolist())
                         or invert(model, images, steps, precision, labels))
     assert generate.main(["--checkpoint", str(conditional_checkpoint), "--interpolate",
@@ -324,15 +295,6 @@ def test_a_conditional_checkpoint_round_trips_through_generate(conditional_check
                           "--data-dir", str(data_dir), "--no-download", "--device", "cpu"]) == 0
     assert "reconstruction error" in capsys.readouterr().out and inverted_with == [[7, 2]]
     assert (tmp_path / "i_interpolation_real_0_1.png").exists()
-
-
-@pytest.fixture
-def shared_evaluator(monkeypatch, quick_evaluator):
-    """generate.py's evaluations use the session's Evaluator (the same class, already
-    holding the test set's features) instead of building their own."""
-    import utils.metrics
-
-    monkeypatch.setattr(utils.metrics, "Evaluator", lambda *args, **kwargs: quick_evaluator)
 
 
 def test_evaluate_reports_the_conditional_accuracy(conditional_checkpoint, tmp_path, capsys,
@@ -344,7 +306,7 @@ def test_evaluate_reports_the_conditional_accuracy(conditional_checkpoint, tmp_p
                           "--num-samples", "20", "--guidance", "0", "2", "--quiet",
                           "--output-dir", str(out), "--output", str(tmp_path / "s.png")]) == 0
     printed = capsys.readouterr().out
-    assert "the digit asked for" in printed and "asked-for" in printed  # report and sweep table
+    assert "the class asked for" in printed and "asked-for" in printed  # report and sweep table
     results = [json.loads(p.read_text()) for p in sorted(out.glob("eval_*.json"))]
     assert sorted(r["guidance"] for r in results) == [0, 2]
     for r in results:
@@ -352,10 +314,8 @@ def test_evaluate_reports_the_conditional_accuracy(conditional_checkpoint, tmp_p
         assert r["floor"]["conditional_accuracy"] > 0.95  # real digits, true labels
 
 
-def test_conditional_accuracy_of_real_digits(quick_evaluator, data_dir):
-    from utils.data_loader import load_mnist
-
-    images, labels = load_mnist(data_dir, train=False)
+def test_conditional_accuracy_of_real_digits(quick_evaluator, mnist):
+    images, labels = mnist.load("test")
     right = quick_evaluator.evaluate(images[:500], floor=False, memorisation=False,
                                      precision_recall_k=None, labels=labels[:500])
     wrong = quick_evaluator.evaluate(images[:500], floor=False, memorisation=False,
@@ -364,15 +324,14 @@ def test_conditional_accuracy_of_real_digits(quick_evaluator, data_dir):
     assert all(a > 0.9 for a in right["per_class_accuracy"])
 
 
-def test_evaluate_npz_takes_optional_labels(shared_evaluator, data_dir, tmp_path, capsys):
-    from utils.data_loader import load_mnist
-
-    images, labels = load_mnist(data_dir, train=False)
+def test_evaluate_npz_takes_optional_labels(shared_evaluator, data_dir, mnist, tmp_path, capsys):
+    images, labels = mnist.load("test")
+    images = images[:, 0]
     npz = tmp_path / "real.npz"
     np.savez(npz, samples=images[:50].numpy(), labels=labels[:50].numpy())
     assert generate.main(["--evaluate-npz", str(npz), "--data-dir", str(data_dir),
                           "--output-dir", str(tmp_path), "--quiet"]) == 0
-    assert "the digit asked for" in capsys.readouterr().out
+    assert "the class asked for" in capsys.readouterr().out
     bad = tmp_path / "bad.npz"
     np.savez(bad, samples=images[:50].numpy(), labels=np.full(50, 12))
     line = expect_one_line(capsys, generate.main, ["--evaluate-npz", str(bad), "--data-dir",
@@ -381,16 +340,26 @@ def test_evaluate_npz_takes_optional_labels(shared_evaluator, data_dir, tmp_path
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--digit", "10"], "digits run from 0 to 9"),
-    (["--digit", "x"], "expected a digit 0-9"),
     (["--digit", "9-3"], "a range goes up"),
     (["--guidance", "-1"], "--guidance must be a finite number >= 0"),
     (["--guidance", "inf"], "--guidance must be a finite number >= 0"),
-    (["--digit", "3-"], "expected a digit 0-9"),
-    (["--interpolate-digits", "3", "11"], "digits run from 0 to 9"),
+    (["--digit", "3-"], "expected a class 0-9"),
 ])
 def test_bad_digits_and_guidance_are_one_line(capsys, argv, message):
     line = expect_one_line(capsys, generate.main, ["--checkpoint", "whatever.pt", *argv])
+    assert message in line
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--digit", "10"], "--digit 10: this checkpoint's classes are 0-9"),
+    (["--digit", "x"], "--digit x: this checkpoint's classes are 0-9"),
+    (["--interpolate-digits", "3", "11"], "11: this checkpoint's classes are 0-9"),
+])
+def test_classes_the_checkpoint_lacks_are_one_line(capsys, conditional_checkpoint, tmp_path,
+                                                   argv, message):
+    line = expect_one_line(capsys, generate.main, ["--checkpoint", str(conditional_checkpoint),
+                                                   "--quiet", "--output",
+                                                   str(tmp_path / "x.png"), *argv])
     assert message in line
 
 

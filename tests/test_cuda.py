@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from models import DiffusionModel  # noqa: E402
 from utils import checkpoint as ckpt  # noqa: E402
 from utils.data_loader import InMemoryBatcher  # noqa: E402
-from utils.trainer import Trainer  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -89,7 +89,7 @@ def test_training_steps_on_cuda_in_bf16_with_fused_adamw_and_device_batches(tiny
 def test_resume_is_exact_on_cuda(tiny, tmp_path, deterministic, stop_at):
     """N steps in one run == k steps, save, load, N - k steps (tests/test_training.py on CUDA)."""
     from config import Config
-    from utils.trainer import config_for_resume
+    from config import config_for_resume
 
     total = 9
     straight = _train(tiny(DEVICE="cuda", MAX_STEPS=total, CHECKPOINT_DIR=str(tmp_path / "a")))

@@ -13,17 +13,18 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ROOT
 from utils import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model-channels", "8", "--time-embed-dim", "16", "--num-res-blocks", "1",
         "--timesteps", "50", "--train-size", "64", "--sampling-steps", "5", "--num-samples", "4",
         "--device", "cpu", "--no-download", "--quiet", "--preset", "none", "--threads", "1",
         "--dropout", "0"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="this torch has no torch.distributed")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(),
+                                 reason="this torch has no torch.distributed"),
+              pytest.mark.slow]
 
 
 def launch(cwd, processes, script, *args, timeout=240):
@@ -38,7 +39,9 @@ def weights(path):
     return ckpt.load_checkpoint(path)["model"]
 
 
-def assert_same_weights(a, b, atol=1e-6):
+def assert_same_weights(a, b, atol=1e-5):
+    """Equal up to the order of floating-point sums (gloo's all-reduce against one batch's
+    sum; another CPU may pick other kernels): not bit for bit."""
     for name in a:
         assert torch.allclose(a[name], b[name], atol=atol, rtol=0), name
 
@@ -51,7 +54,7 @@ def test_two_processes_of_16_train_like_one_of_32(tmp_path, data_dir):
     assert one.returncode == 0, one.stderr
     assert_same_weights(weights(tmp_path / "one" / "latest.pt"), weights(tmp_path / "two" / "latest.pt"))
     losses = [ckpt.load_checkpoint(tmp_path / f / "latest.pt")["losses"] for f in ("one", "two")]
-    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
     # rank 0 alone wrote and talked: one checkpoint, one summary
     assert sorted(p.name for p in (tmp_path / "two").glob("*.pt")) == ["epoch_0001.pt",
                                                                       "epoch_0002.pt", "latest.pt"]
@@ -103,7 +106,7 @@ def test_evaluation_inside_a_two_process_run_does_not_hang(tmp_path, data_dir):
     evaluations = json.loads((tmp_path / "ck" / "evaluations.json").read_text())["evaluations"]
     assert [e["epoch"] for e in evaluations] == [1, 2]
     assert all(e["num_samples"] == 24 and np.isfinite(e["fid"]) for e in evaluations)
-    assert result.stdout.count("epoch 1: FID") == 1
+    assert result.stdout.count("(epoch 1.00): FID") == 1
 
 
 def test_sigterm_to_a_two_process_run_saves_once_and_says_how_to_resume(tmp_path, data_dir):
@@ -140,7 +143,7 @@ def test_the_process_group_joins_on_the_runs_own_device(tmp_path, data_dir, monk
     joined = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(main, "default_device", lambda: "cuda")  # as on a GPU machine
+    monkeypatch.setattr("config.default_device", lambda: "cuda")  # as on a GPU machine
     monkeypatch.setattr(dist, "init", joined.append)
     flags = list(TINY)
     del flags[flags.index("--device"):flags.index("--device") + 2]  # the device left to the run
@@ -187,5 +190,6 @@ def test_a_dying_process_leaves_the_last_checkpoint_and_a_clear_message(tmp_path
     finally:
         proc.kill()
     assert proc.returncode != 0
-    assert "main.py: error (rank 0): lost contact with the other processes" in err
+    assert "main.py: error: (rank 0) lost contact with the other processes" in err
+    assert "the last good checkpoint is in ck" in err
     assert ckpt.load_checkpoint(latest)["step"] >= 5  # the last good one, intact

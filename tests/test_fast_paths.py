@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from models import DiffusionModel
-from utils.trainer import Trainer
+from training.benchmark import benchmark_sampling, run_benchmark
+from training.trainer import Trainer
 
 SLOW = os.environ.get("MNIST_DIFFUSION_SLOW_TESTS") == "1"
 devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -77,8 +78,6 @@ def test_fast_training_steps_track_the_plain_ones(tiny, changes):
 
 
 def test_benchmark_runs_on_cpu_and_writes_json(tiny):
-    from utils.benchmark import run_benchmark
-
     config = tiny(SAMPLING_STEPS=3)
     result = run_benchmark(config, progress=False, warmup_steps=1, timed_steps=2, sample_count=4,
                            log=lambda *a: None)
@@ -101,8 +100,6 @@ def test_benchmark_runs_on_cpu_and_writes_json(tiny):
 
 
 def test_sampling_benchmark_warms_up_at_the_timed_batch_size():
-    from utils.benchmark import benchmark_sampling
-
     model = DiffusionModel(timesteps=20, model_channels=8, time_embed_dim=16, num_res_blocks=1)
     calls = []
     generate = model.generate

@@ -21,6 +21,7 @@ def dry_run(data_dir, tmp_path_factory):
     return out, done
 
 
+@pytest.mark.slow
 def test_dry_run_reports_every_stage(dry_run):
     out, done = dry_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -61,6 +62,7 @@ def test_dry_run_reports_every_stage(dry_run):
     assert not (out / "work").exists()  # the scratch folder is removed
 
 
+@pytest.mark.slow
 def test_dry_run_markdown_is_one_table_with_every_stage(dry_run):
     out, _ = dry_run
     text = (out / "report.md").read_text()

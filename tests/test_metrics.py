@@ -9,8 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.metrics import (Evaluator, calibration, class_coverage, feature_statistics,
-                           format_report, frechet_distance, nearest_neighbour_distance)
+import generate
+from helpers import expect_one_line
+from evaluation import classifier as clf
+from evaluation.metrics import (Evaluator, calibration, class_coverage, feature_statistics,
+                                format_report, frechet_distance, nearest_neighbour_distance)
+from training.trainer import Trainer
+from utils.files import save_json
 
 
 def test_frechet_distance_of_1d_gaussians_matches_closed_form():
@@ -85,10 +90,8 @@ def test_metric_ranks_real_over_blurred_over_noise(evaluator):
     assert scores["real"]["class_kl"] < 0.05
 
 
-def test_coverage_flags_a_set_of_one_digit(evaluator, data_dir):
-    from utils.data_loader import load_mnist
-
-    images, labels = load_mnist(data_dir, train=True)
+def test_coverage_flags_a_set_of_one_digit(evaluator, mnist):
+    images, labels = mnist.load("train")
     sevens = images[-5000:][labels[-5000:] == 7][:500]
     result = evaluator.evaluate(sevens, floor=False, memorisation=False)
     assert result["class_kl"] > 1.8  # log(10) = 2.30 for one class
@@ -103,18 +106,14 @@ def test_full_report_with_floor_and_memorisation(evaluator, tmp_path):
     assert result["floor"]["nn_train_distance"] > 1.0  # unseen test digits are not
     assert result["floor"]["num_samples"] == 300
     text = format_report(result, "copies")
-    assert "FID" in text and "real digits" in text
-    from utils.metrics import save_json
-
+    assert "FID" in text and "real images" in text
     data = json.loads(save_json(result, tmp_path / "r.json").read_text())
     assert data["floor"]["fid"] == pytest.approx(result["floor"]["fid"])
 
 
-def test_evaluate_npz_from_the_command_line(tmp_path, data_dir, evaluator, capsys):
-    import generate
-
+def test_evaluate_npz_from_the_command_line(tmp_path, data_dir, shared_evaluator, capsys):
     path = tmp_path / "digits.npz"
-    np.savez(path, samples=evaluator.train_images[:200].numpy())
+    np.savez(path, samples=shared_evaluator.train_images[:200, 0].numpy())
     assert generate.main(["--evaluate-npz", str(path), "--data-dir", str(data_dir), "--no-download",
                           "--output-dir", str(tmp_path / "out"),
                           "--device", "cpu", "--quiet", "--output", str(tmp_path / "g.png")]) == 0
@@ -122,17 +121,12 @@ def test_evaluate_npz_from_the_command_line(tmp_path, data_dir, evaluator, capsy
     assert "FID" in out and (tmp_path / "out" / "eval_digits.json").is_file()
     bad = tmp_path / "bad.npz"
     np.savez(bad, samples=np.zeros((3, 28, 28), dtype=np.float32))
-    with pytest.raises(SystemExit) as info:
-        generate.main(["--evaluate-npz", str(bad), "--output", str(tmp_path / "g.png")])
-    assert info.value.code == 2
-    assert "must be uint8 (N, 28, 28)" in capsys.readouterr().err
+    line = expect_one_line(capsys, generate.main, ["--evaluate-npz", str(bad), "--output",
+                                                   str(tmp_path / "g.png")])
+    assert "must be uint8 (N, H, W)" in line
 
 
 def test_evaluation_during_training_is_logged_and_plotted(tiny, quick_evaluator):
-    from pathlib import Path
-
-    from utils.trainer import Trainer
-
     messages = []
     config = tiny(EPOCHS=3, EVAL_EVERY=2, EVAL_SAMPLES=40)
     trainer = Trainer(config, progress=False, log=messages.append, evaluator=quick_evaluator)
@@ -149,53 +143,50 @@ def test_evaluation_during_training_is_logged_and_plotted(tiny, quick_evaluator)
     assert again["fid"] == pytest.approx(trainer.evaluations[-1]["fid"], rel=1e-6)
 
 
-def test_shipped_classifier_has_its_recorded_hash_and_accuracy(evaluator, data_dir):
-    from utils.classifier import MIN_ACCURACY, WEIGHTS, WEIGHTS_SHA256, accuracy, sha256_of
-    from utils.data_loader import load_mnist
-
+def test_shipped_classifier_has_its_recorded_hash_and_accuracy(evaluator, mnist):
+    shipped = clf.SHIPPED["mnist"]
+    weights = clf.WEIGHTS_DIR / shipped.file
     info = evaluator.classifier_info
-    assert info["sha256"] == WEIGHTS_SHA256 == sha256_of(WEIGHTS)
+    assert info["sha256"] == shipped.sha256 == clf.sha256_of(weights)
     assert info["train_size"] == 60000 and info["seed"] == 0
-    assert WEIGHTS.stat().st_size < 4 * 2 ** 20  # small enough to keep in git
-    images, labels = load_mnist(data_dir, train=False)
-    measured = accuracy(evaluator.classifier, images, labels)
-    assert measured >= MIN_ACCURACY
+    assert weights.stat().st_size < 4 * 2 ** 20  # small enough to keep in git
+    images, labels = mnist.load("test")
+    measured = clf.accuracy(evaluator.classifier, images, labels)
+    assert measured >= shipped.min_accuracy
     assert measured == pytest.approx(info["test_accuracy"], abs=2e-4)  # at most 2 digits differ
 
 
 def test_a_changed_or_missing_weights_file_is_one_clear_error(tmp_path):
-    from utils.classifier import WEIGHTS, ClassifierError, load_classifier
-
     changed = tmp_path / "mnist_classifier.pt"
-    data = bytearray(WEIGHTS.read_bytes())
+    data = bytearray((clf.WEIGHTS_DIR / clf.SHIPPED["mnist"].file).read_bytes())
     data[len(data) // 2] ^= 1  # one bit in the middle of the weights
     changed.write_bytes(bytes(data))
-    with pytest.raises(ClassifierError, match=r"SHA-256 .* not the recorded .*--retrain") as info:
-        load_classifier(path=changed)
+    with pytest.raises(clf.ClassifierError, match=r"SHA-256 .* not the recorded .*--retrain") as info:
+        clf.load_shipped("mnist", path=changed)
     assert "\n" not in str(info.value)
-    with pytest.raises(ClassifierError, match="missing.*--retrain"):
-        load_classifier(path=tmp_path / "absent.pt")
+    with pytest.raises(clf.ClassifierError, match="missing.*--retrain"):
+        clf.load_shipped("mnist", path=tmp_path / "absent.pt")
 
 
-def test_classifier_training_is_deterministic_and_quick_ones_are_cached(data_dir, tmp_path):
+def test_classifier_training_is_deterministic_and_quick_ones_are_cached(mnist, tmp_path):
     """What makes `--retrain` reproduce the shipped file: the same seed gives the same
-    weights, bit for bit (here on a small subset, one epoch)."""
-    from utils.classifier import load_or_train_classifier, train_classifier
-    from utils.data_loader import load_mnist
-
-    images, labels = load_mnist(data_dir, train=True)
+    weights, bit for bit (here on a small subset, one epoch, one process and thread count)."""
+    images, labels = mnist.load("train")
     images, labels = images[:512], labels[:512]
-    a = train_classifier(images, labels, epochs=1, seed=3, progress=False).state_dict()
-    b = train_classifier(images, labels, epochs=1, seed=3, progress=False).state_dict()
-    c = train_classifier(images, labels, epochs=1, seed=4, progress=False).state_dict()
+    a = clf.train_classifier(images, labels, epochs=1, seed=3, progress=False).state_dict()
+    b = clf.train_classifier(images, labels, epochs=1, seed=3, progress=False).state_dict()
+    c = clf.train_classifier(images, labels, epochs=1, seed=4, progress=False).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
-    first, info = load_or_train_classifier(data_dir, tmp_path, train_size=512, epochs=1,
-                                           progress=False, log=lambda *m: None)
-    again, _ = load_or_train_classifier(data_dir, tmp_path, train_size=512, epochs=1,
-                                        progress=False, log=lambda *m: None)
+    logged = []
+    first, info = clf.load_or_train(mnist, tmp_path, train_size=512, epochs=1, progress=False,
+                                    log=logged.append)
+    again, info_again = clf.load_or_train(mnist, tmp_path, train_size=512, epochs=1,
+                                          progress=False, log=logged.append)
+    assert not info["cached"] and info_again["cached"] and len(logged) == 2  # trained once
     assert info["train_size"] == 512 and Path(info["path"]).parent == tmp_path
+    assert mnist.fingerprint[:16] in Path(info["path"]).name  # keyed by the data
     x = torch.rand(4, 1, 28, 28) * 2 - 1
     assert torch.equal(first(x), again(x))
-    evaluator = Evaluator(data_dir, device="cpu", progress=False, classifier=(first, info))
+    evaluator = Evaluator(mnist, device="cpu", progress=False, classifier=(first, info))
     assert evaluator.classifier_info["train_size"] == 512

@@ -76,12 +76,12 @@ def test_last_reverse_step_adds_no_noise():
     assert torch.allclose(a, x0, atol=1e-6)
 
 
-def test_loss_falls_when_overfitting_one_batch(data_dir):
-    from utils.data_loader import load_mnist, normalize_images
+def test_loss_falls_when_overfitting_one_batch(mnist):
+    from utils.data_loader import normalize_images
 
     torch.manual_seed(0)
-    images, _ = load_mnist(data_dir, train=True)
-    x0 = normalize_images(images[:8]).unsqueeze(1)
+    images, _ = mnist.load("train")
+    x0 = normalize_images(images[:8])
     model = DiffusionModel(timesteps=100, model_channels=8, time_embed_dim=16, num_res_blocks=1)
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, 100, (8,), generator=g)

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 import main
-from conftest import expect_one_line
 from config import PRESETS, Config
-from utils import data_loader
-from utils.data_loader import MNIST_FILES, MNISTDataError, ensure_mnist
+from helpers import ROOT, expect_one_line, quiet
+from utils.checkpoint import load_checkpoint
+from utils.datasets import DataDamagedError, idx, mnist, open_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "data" / "MNIST" / "raw"
+MNIST_FILES = idx.ALL_FILES
 
 NO_NETWORK = '''
 import socket
@@ -34,7 +34,7 @@ def test_the_repo_ships_the_four_published_files():
     for name in MNIST_FILES:
         packed = SHIPPED / f"{name}.gz"
         assert packed.is_file(), packed
-        assert data_loader._sha256(packed) == data_loader.MNIST_SHA256[packed.name]
+        idx.read_verified(SHIPPED, name, mnist.FAMILY)  # its content is the published file
 
 
 def _fresh_clone(tmp_path: Path) -> Path:
@@ -50,17 +50,24 @@ def _fresh_clone(tmp_path: Path) -> Path:
     return clone
 
 
-def test_quick_start_on_a_fresh_clone_without_network(tmp_path):
+@pytest.mark.slow
+def test_quick_start_on_a_fresh_clone_without_network_from_any_folder(tmp_path):
+    """The README's quick start on a fresh clone with sockets disabled, run from the
+    clone and from another folder (the scripts and the Python API find the shipped MNIST
+    wherever they run; nothing is written into the data folder)."""
     clone = _fresh_clone(tmp_path)
     raw = clone / "data" / "MNIST" / "raw"
-    assert sorted(p.name for p in raw.glob("*-ubyte")) == []  # only the .gz are shipped
+    shipped = sorted(p.name for p in raw.iterdir())
+    assert shipped == sorted(f"{n}.gz" for n in MNIST_FILES)  # only the .gz are shipped
     guard = tmp_path / "guard"
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(NO_NETWORK)
     env = {**os.environ, "PYTHONPATH": str(guard), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    elsewhere = tmp_path / "notebooks"
+    elsewhere.mkdir()
 
-    def run(*args):
-        return subprocess.run([sys.executable, *map(str, args)], cwd=clone, env=env,
+    def run(*args, cwd=clone):
+        return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=300)
 
     probe = run("-c", "import socket; socket.create_connection(('example.org', 80))")
@@ -70,17 +77,32 @@ def test_quick_start_on_a_fresh_clone_without_network(tmp_path):
     trained = run("main.py", "--max-steps", 25, "--train-size", 512, "--quiet")
     assert trained.returncode == 0, trained.stderr
     assert "using --preset cpu" in trained.stdout and "plan:" in trained.stdout
-    assert sorted(p.name for p in raw.glob("*-ubyte")) == sorted(MNIST_FILES)
     (run_dir,) = (clone / "runs").iterdir()
     assert (run_dir / "latest.pt").is_file() and (run_dir / "samples_final.png").is_file()
 
     drawn = run("generate.py", "--num-samples", 10, "--quiet")
     assert drawn.returncode == 0, drawn.stderr
     assert f"newest run: {Path('runs') / run_dir.name / 'latest.pt'}" in drawn.stdout
-    assert "class-conditional: digits 0-9" in drawn.stdout  # the CPU preset learns the labels
+    assert "classes 0-9" in drawn.stdout  # the CPU preset learns the labels
     grid = np.asarray(Image.open(clone / "outputs" / "samples.png"))
     # one row per digit, not blank
     assert grid.shape[:2] == (2 * (10 * 30 + 2), 2 * (1 * 30 + 2)) and grid.std() > 10
+
+    # the same scripts from another folder: its own runs/ and outputs/, the repo's data
+    again = run(clone / "main.py", "--max-steps", 3, "--train-size", 64, "--quiet", cwd=elsewhere)
+    assert again.returncode == 0, again.stderr
+    assert len(list((elsewhere / "runs").iterdir())) == 1 and not (elsewhere / "data").exists()
+    # and the README's "Use it from Python", in a notebook outside the repo
+    notebook = (f"import sys; sys.path.append({str(clone)!r})\n"
+                "from generate import load_model, generate_images\n"
+                "import glob\n"
+                "model = load_model(glob.glob('runs/*/latest.pt')[0], 'cpu')\n"
+                "images = generate_images(model, 4, save_path='grid.png', progress=False)\n"
+                "print(tuple(images.shape))\n")
+    used = run("-c", notebook, cwd=elsewhere)
+    assert used.returncode == 0 and "(4, 1, 28, 28)" in used.stdout, used.stderr
+    assert (elsewhere / "grid.png").is_file()
+    assert sorted(p.name for p in raw.iterdir()) == shipped  # nothing unpacked or left behind
 
 
 def _data_copy(tmp_path: Path) -> Path:
@@ -111,15 +133,16 @@ def test_damaged_gz_files_give_one_line_and_exit_1(capsys, tmp_path, damage):
 
 def test_a_truncated_unpacked_file_is_caught_before_training(capsys, tmp_path):
     data = _data_copy(tmp_path)
-    ensure_mnist(data, download=False)
-    unpacked = data / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    unpacked.write_bytes(unpacked.read_bytes()[:5000])
-    with pytest.raises(MNISTDataError, match="truncated"):
-        ensure_mnist(data, download=False)
+    packed = data / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+    unpacked = packed.with_suffix("")
+    unpacked.write_bytes(gzip.open(packed).read()[:5000])  # where only the unpacked file is
+    packed.unlink()
+    with pytest.raises(DataDamagedError, match="truncated"):
+        open_dataset("mnist", data, download=False).load("test")
     err = expect_one_line(capsys, main.main, ["--data-dir", str(data), "--max-steps", "1",
                                               "--quiet", "--checkpoint-dir", str(tmp_path / "o")],
                           code=1)
-    assert str(unpacked) in err and "delete it" in err
+    assert str(unpacked) in err and "git checkout" in err
 
 
 def test_auto_preset_follows_the_device_and_explicit_flags_win():
@@ -147,8 +170,6 @@ def test_epochs_on_a_cpu_say_what_they_will_cost_and_record_the_preset(capsys, t
     assert "using --preset cpu" in out
     plan = next(line for line in out.splitlines() if line.startswith("plan:"))
     assert "3 steps" in plan and "on this machine" in plan
-    from utils.checkpoint import load_checkpoint
-
     saved = Config.from_dict(load_checkpoint(tmp_path / "ck" / "latest.pt")["config"])
     assert saved.PRESET == "cpu" and saved.EPOCHS == 50 and saved.MAX_MINUTES == 0
 
@@ -159,7 +180,7 @@ def test_the_designs_functions_work_from_python(tmp_path, tiny):
     from models.diffusion import DiffusionModel
 
     config = tiny(MAX_STEPS=4)
-    model, losses = train_model(config, progress=False, log=lambda *a: None)
+    model, losses = train_model(config, progress=False, log=quiet)
     assert isinstance(model, DiffusionModel) and not model.training
     assert len(losses) == 4 and all(np.isfinite(losses))
     latest = Path(config.CHECKPOINT_DIR) / "latest.pt"
@@ -197,8 +218,8 @@ def test_train_model_without_a_config_takes_the_auto_preset(monkeypatch):
         seen["config"] = config
         raise Stop
 
-    monkeypatch.setattr("utils.trainer.Trainer", fake_trainer)
-    monkeypatch.setattr("utils.runs.with_run_folders",
+    monkeypatch.setattr("training.run.Trainer", fake_trainer)
+    monkeypatch.setattr("training.run.with_run_folders",
                         lambda c, name="": c.replace(CHECKPOINT_DIR="unused", OUTPUT_DIR="unused"))
     monkeypatch.setattr("utils.runs.RunLock.acquire", lambda self: self)
     with pytest.raises(Stop):

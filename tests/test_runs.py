@@ -1,31 +1,29 @@
-"""Nothing lost, part 2: run folders, locks, a full disk, and output names."""
+"""Nothing lost: run folders, locks, resume targets, a full disk, atomic files, output
+names, and every bad input ending in one line."""
 import errno
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import generate
 import main
-from conftest import expect_one_line
+import training.logging
+import utils.files
+from helpers import TINY_FLAGS as TINY
+from helpers import expect_one_line, run_script, start_script
+from sampling import pretrained
+from training.trainer import Trainer
 from utils import checkpoint as ckpt
 from utils.runs import RunLock, RunLockedError
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model-channels", "8", "--time-embed-dim", "16", "--num-res-blocks", "1",
-        "--timesteps", "50", "--train-size", "64", "--batch-size", "16", "--sampling-steps", "5",
-        "--num-samples", "4", "--device", "cpu", "--no-download", "--quiet", "--preset", "none"]
-
 
 def run(cwd, script, *args, timeout=240):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return run_script(script, *args, cwd=cwd, timeout=timeout)
 
 
 def test_new_runs_get_their_own_folders_and_generate_takes_the_newest(
@@ -82,13 +80,11 @@ def test_lock_refuses_a_second_holder_and_is_released():
         pass
 
 
+@pytest.mark.slow
 def test_a_concurrent_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, data_dir):
     folders = ["--data-dir", data_dir, "--checkpoint-dir", tmp_path / "ck"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, TINY), *map(str, folders),
-                              "--max-steps", "100000", "--save-every-steps", "1"],
-                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+    first = start_script("main.py", *TINY, *folders, "--max-steps", "100000",
+                         "--save-every-steps", "1", cwd=tmp_path)
     try:
         deadline = time.time() + 120
         while not (tmp_path / "ck" / "latest.pt").exists():
@@ -117,7 +113,7 @@ def _fill_the_disk_on_save(monkeypatch, fail_from: int):
     def save(obj, f, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] >= fail_from:
-            f.write(b"\0" * 4096)
+            Path(f).write_bytes(b"\0" * 4096)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *args, **kwargs)
 
@@ -144,20 +140,17 @@ def test_torch_reporting_a_failed_write_as_runtime_error_is_named_by_free_space(
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(ckpt.torch, "save", save)
-    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 20}))
+    monkeypatch.setattr(utils.files.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 20}))
     with pytest.raises(ckpt.SaveError, match="no space left on device \\(1 MB free\\)"):
         ckpt.save_checkpoint({"x": 1}, tmp_path / "a.pt")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_picture_that_cannot_be_written_does_not_stop_the_run(monkeypatch, tiny):
-    from utils.trainer import Trainer
-    import utils.visualization as visualization
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(visualization, "save_images", full)
+    monkeypatch.setattr(training.logging, "save_images", full)
     messages = []
     trainer = Trainer(tiny(MAX_STEPS=5, EPOCHS=2), progress=False, log=messages.append)
     summary = trainer.fit()
@@ -199,10 +192,11 @@ def _npz(tmp_path, count):
 
 def test_empty_npz_is_one_line(capsys, tmp_path):
     err = expect_one_line(capsys, generate.main, ["--evaluate-npz", str(_npz(tmp_path, 0))], code=2)
-    assert "holds no samples" in err
+    assert "holds 0 samples" in err
 
 
 def test_generate_without_any_run_says_what_to_do(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pretrained, "available", lambda: False)
     err = expect_one_line(capsys, generate.main, ["--device", "cpu"], code=2)
     assert "no checkpoint found in runs/" in err and "python main.py" in err

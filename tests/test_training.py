@@ -1,19 +1,16 @@
 """Layer 4: checkpoints and the training loop (round trips, exact resume, faults)."""
 import math
-import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-from config import Config, ConfigError
+from config import Config, ConfigError, config_for_resume
+from helpers import assert_same_weights, quiet, train
 from models import DiffusionModel
+from training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 from utils import checkpoint as ckpt
-from utils.data_loader import InMemoryBatcher
-from utils.trainer import Trainer, TrainingDiverged, config_for_resume
-
-
-def quiet(*args, **kwargs):
-    pass
+from utils.data_loader import DataLoaderBatcher, InMemoryBatcher
 
 
 def test_batcher_yields_every_image_once_per_epoch_in_seeded_order():
@@ -35,12 +32,10 @@ def test_batcher_yields_every_image_once_per_epoch_in_seeded_order():
     assert torch.equal(first[64:], epoch_values(batcher, 0, start=2))  # resumable mid-epoch
 
 
-def test_dataloader_pipeline_gives_the_same_batches(data_dir):
-    from utils.data_loader import DataLoaderBatcher, load_mnist
-
-    images, _ = load_mnist(data_dir)
+def test_dataloader_pipeline_gives_the_same_batches(mnist):
+    images, labels = mnist.load("train")
     fast = InMemoryBatcher(images[:100], batch_size=32, seed=5)
-    classic = DataLoaderBatcher(data_dir, batch_size=32, seed=5, train_size=100)
+    classic = DataLoaderBatcher(images[:100], labels[:100], batch_size=32, seed=5)
     assert len(fast) == len(classic) == 4
     for epoch, start in [(0, 0), (1, 2)]:
         for a, b in zip(fast.batches(epoch, start), classic.batches(epoch, start), strict=True):
@@ -90,14 +85,14 @@ def dataclasses_frozen_error():
 
 def test_checkpoint_round_trip_gives_identical_outputs(tiny):
     config = tiny(MAX_STEPS=3)
-    trainer = Trainer(config, progress=False, log=quiet)
-    trainer.fit()
+    trainer = train(config)
     path = trainer.checkpoint_dir / ckpt.LATEST
     raw = torch.load(path, weights_only=True)  # plain values and tensors only
     assert raw["config"]["MODEL_CHANNELS"] == 8 and raw["step"] == 3
     assert set(raw) >= {"model", "ema", "optimizer", "losses", "config", "step", "epoch"}
     model, loaded_config = DiffusionModel.from_checkpoint(path)
-    assert loaded_config == config
+    assert loaded_config == trainer.config == config.replace(CLASS_NAMES=tuple("0123456789"))
+    assert model.config == loaded_config  # the model carries its config
     x = torch.randn(2, 1, 28, 28)
     t = torch.tensor([3, 40])
     with torch.no_grad():
@@ -112,27 +107,53 @@ def test_checkpoint_round_trip_gives_identical_outputs(tiny):
         assert not torch.equal(raw_model.unet(x, t), model.unet(x, t))
 
 
-def _train(config, resume=None):
-    trainer = Trainer(config, resume=resume, progress=False, log=quiet)
-    trainer.fit()
-    return trainer
+def _stop_by_signal_after(trainer, steps: int) -> None:
+    """Make `trainer` act as if Ctrl-C arrived during step `steps`."""
+    step = trainer.train_step
+
+    def stopping(*batch):
+        out = step(*batch)
+        if trainer.step + 1 == steps:
+            trainer._stop_signal = "SIGINT"
+        return out
+
+    trainer.train_step = stopping
 
 
-@pytest.mark.parametrize("stop_at", [3, 4, 6])  # mid-epoch, at an epoch's end, in epoch 2
-def test_resume_is_exact(tiny, tmp_path, stop_at):
-    """N steps in one run == k steps, stop, resume, N - k steps (weights and losses)."""
-    total = 9  # 4 steps per epoch (64 digits, batch 16): crosses two epoch boundaries
-    straight = _train(tiny(MAX_STEPS=total, CHECKPOINT_DIR=str(tmp_path / "a")))
-    first = _train(tiny(MAX_STEPS=stop_at, CHECKPOINT_DIR=str(tmp_path / "b")))
-    state = ckpt.load_checkpoint(first.checkpoint_dir / ckpt.LATEST)
+RESUME_CASES = {  # settings, total steps, where the first run stops (4 steps per epoch)
+    "mid-epoch": (dict(), 9, 3),
+    "at-epoch-end": (dict(), 9, 4),
+    "in-epoch-2": (dict(), 9, 6),
+    "decaying-power-ema-by-signal": (dict(LR_SCHEDULE="cosine", LR_FLOOR=0.0, EMA_RULE="power",
+                                          EMA_STD=0.1, TIMESTEP_SAMPLING="lognormal",
+                                          SAVE_EVERY=100), 9, -4),
+    "conditional": (dict(CONDITIONAL=True, CLASS_DROPOUT=0.5, SAVE_EVERY=100), 7, 3),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resume_is_exact(tiny, tmp_path, case):
+    """N steps in one run == k steps, stop, resume, N - k steps: weights, EMA and losses
+    bit for bit (same process, same shapes). A negative k stops by a signal (Ctrl-C)."""
+    settings, total, stop_at = RESUME_CASES[case]
+    straight = train(tiny(MAX_STEPS=total, CHECKPOINT_DIR=str(tmp_path / "a"), **settings))
+    if stop_at > 0:
+        train(tiny(MAX_STEPS=stop_at, CHECKPOINT_DIR=str(tmp_path / "b"), **settings))
+    else:
+        first = Trainer(tiny(MAX_STEPS=total, CHECKPOINT_DIR=str(tmp_path / "b"), **settings),
+                        progress=False, log=quiet)
+        _stop_by_signal_after(first, -stop_at)
+        with pytest.raises(TrainingInterrupted):
+            first.fit()
+    state = ckpt.load_checkpoint(tmp_path / "b" / ckpt.LATEST)
+    assert state["step"] == abs(stop_at)
     config = config_for_resume(Config.from_dict(state["config"]), {"MAX_STEPS": total})
-    resumed = _train(config, resume=state)
+    resumed = train(config, resume=state)
     assert resumed.step == straight.step == total
     assert resumed.losses == straight.losses
-    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b)
-    for a, b in zip(straight.ema.parameters(), resumed.ema.parameters()):
-        assert torch.equal(a, b)
+    assert_same_weights(straight, resumed)
+    if settings.get("CONDITIONAL"):
+        assert straight.model.unet.class_embed.weight.abs().sum() > 0  # the embedding learned
 
 
 def test_resume_refuses_a_different_model():
@@ -174,7 +195,7 @@ def test_bad_checkpoints_give_one_line_errors(tiny, tmp_path, kind):
     if kind == "empty":
         path.write_bytes(b"")
     elif kind in ("truncated", "garbage"):
-        trainer = _train(tiny(MAX_STEPS=1))
+        trainer = train(tiny(MAX_STEPS=1))
         data = (trainer.checkpoint_dir / ckpt.LATEST).read_bytes()
         path.write_bytes(data[: len(data) // 2] if kind == "truncated" else b"\x00junk" * 100)
     elif kind == "not_ours":
@@ -229,10 +250,19 @@ def test_non_finite_loss_is_skipped_then_stops_training(tiny, monkeypatch):
 
 
 def test_periodic_checkpoints_are_pruned(tiny):
-    trainer = _train(tiny(EPOCHS=4, KEEP=2))
+    trainer = train(tiny(EPOCHS=4, KEEP=2))
     names = sorted(p.name for p in trainer.checkpoint_dir.glob("*.pt"))
     assert names == ["epoch_0003.pt", "epoch_0004.pt", "latest.pt"]
     assert ckpt.find_latest(trainer.checkpoint_dir).name == "latest.pt"
+
+
+def test_periodic_checkpoints_sort_by_number_not_text(tmp_path):
+    """epoch_10000.pt is newer than epoch_9999.pt: kept by --keep, chosen without latest.pt."""
+    for epoch in (9998, 9999, 10000):
+        (tmp_path / ckpt.periodic_name(epoch)).write_bytes(b"x")
+    assert ckpt.find_latest(tmp_path).name == "epoch_10000.pt"
+    ckpt.prune_periodic(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_10000.pt", "epoch_9999.pt"]
 
 
 def test_atomic_save_leaves_no_temporary_files(tmp_path):
@@ -241,10 +271,8 @@ def test_atomic_save_leaves_no_temporary_files(tmp_path):
 
 
 def test_training_writes_history_plots_and_grids(tiny):
-    trainer = _train(tiny(EPOCHS=2))
+    trainer = train(tiny(EPOCHS=2))
     out = trainer.config.OUTPUT_DIR
-    from pathlib import Path
-
     names = {p.name for p in Path(out).iterdir()}
     assert {"config.json", "loss_history.csv", "loss.png", "samples_epoch_0001.png",
             "samples_epoch_0002.png", "samples_final.png"} <= names

@@ -6,14 +6,14 @@ run's full Config as plain values, so the model can be rebuilt from it alone.
 """
 from __future__ import annotations
 
-import errno
-import os
 import pickle
 import re
-import shutil
 from pathlib import Path
 
 import torch
+
+from utils.errors import UsageError
+from utils.files import SaveError, atomic_write, remove_stale_temporaries, write_failure  # noqa: F401
 
 FORMAT = "mnist-diffusion-checkpoint"
 VERSION = 1
@@ -21,31 +21,8 @@ LATEST = "latest.pt"
 PERIODIC = re.compile(r"^epoch_(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError):
     """A checkpoint that is missing, unreadable, unsafe or of the wrong kind."""
-
-
-class SaveError(OSError):
-    """A file could not be written (disk full, I/O error); the target is untouched and
-    no temporary file is left. The message is one line: what, where and why."""
-
-
-def write_failure(error: BaseException, folder) -> str:
-    """Why a write failed, in a few words: 'no space left on device' and the like.
-
-    torch.save reports a failed write as a RuntimeError without the errno; a nearly
-    full file system is then named from its free space."""
-    if isinstance(error, OSError) and error.errno is not None:
-        return (os.strerror(error.errno) if error.errno != errno.ENOSPC
-                else "no space left on device").lower()
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = None
-    if free is not None and free < 64 << 20:
-        return f"no space left on device ({free >> 20} MB free)"
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return first[:160]
 
 
 def save_checkpoint(state: dict, path) -> Path:
@@ -54,33 +31,9 @@ def save_checkpoint(state: dict, path) -> Path:
 
 
 def atomic_save(obj, path) -> Path:
-    """torch.save `obj` to `path` so that a crash at any moment leaves either the old file
-    or the new one: temporary file in the same folder, flush, fsync, rename, fsync folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:
-        raise SaveError(f"could not save {path}: {write_failure(error, path.parent)}") from error
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some filesystems cannot fsync a folder; the rename is still atomic
-        pass
-    return path
+    """torch.save `obj` to `path` atomically (see utils.files.atomic_write): a crash at
+    any moment leaves either the old file or the new one. SaveError otherwise."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -118,33 +71,40 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     for key in ("config", "model", "ema"):
         if key not in state:
             raise CheckpointError(f"checkpoint {path} lacks its '{key}' entry")
+    for key in ("ema", "model"):
+        weights = state[key]
+        if isinstance(weights, dict):
+            bad = next((name for name, value in weights.items() if torch.is_tensor(value)
+                        and value.is_floating_point() and not torch.isfinite(value).all()), None)
+            if bad is not None:
+                raise CheckpointError(f"checkpoint {path} holds non-finite weights ({key}: "
+                                      f"{bad}); it cannot draw anything: use an earlier "
+                                      f"checkpoint of the run")
     return state
-
-
-def remove_stale_temporaries(checkpoint_dir) -> list[Path]:
-    """Delete half-written files that a killed process left behind (.NAME.tmp-PID)."""
-    stale = list(Path(checkpoint_dir).glob(".*.tmp-*"))
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 def periodic_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}.pt"
 
 
+def periodic_checkpoints(checkpoint_dir) -> list[Path]:
+    """The epoch_*.pt files of a folder, oldest epoch first (by number: 9999 < 10000)."""
+    found = [p for p in Path(checkpoint_dir).glob("epoch_*.pt") if PERIODIC.match(p.name)]
+    return sorted(found, key=lambda p: int(PERIODIC.match(p.name).group(1)))
+
+
 def find_latest(checkpoint_dir) -> Path | None:
-    """latest.pt if present, else the newest periodic checkpoint, else None."""
+    """latest.pt if present, else the periodic checkpoint of the highest epoch, else None."""
     folder = Path(checkpoint_dir)
     if (folder / LATEST).is_file():
         return folder / LATEST
-    periodic = sorted(p for p in folder.glob("epoch_*.pt") if PERIODIC.match(p.name))
+    periodic = periodic_checkpoints(folder)
     return periodic[-1] if periodic else None
 
 
 def prune_periodic(checkpoint_dir, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest epoch_*.pt files; returns the deleted paths."""
-    periodic = sorted(p for p in Path(checkpoint_dir).glob("epoch_*.pt") if PERIODIC.match(p.name))
+    """Delete all but the `keep` highest-epoch epoch_*.pt files; returns the deleted paths."""
+    periodic = periodic_checkpoints(checkpoint_dir)
     doomed = periodic[:-keep] if keep > 0 else periodic
     for p in doomed:
         p.unlink(missing_ok=True)

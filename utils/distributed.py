@@ -27,11 +27,13 @@ import time
 
 import torch
 
+from utils.errors import ResourceError
+
 # A collective that waits longer than this means another process is gone: fail clearly.
 TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("MNIST_DIFFUSION_DIST_TIMEOUT_MIN", 10)))
 
 
-class PeerLost(RuntimeError):
+class PeerLost(ResourceError):
     """Another process of the run died or stopped answering."""
 
 

@@ -2,6 +2,8 @@
 
 Everything renders off-screen (matplotlib's Agg backend, Pillow), so it works on a
 headless machine and nothing waits for a window; `show` opens one only when asked.
+Every file is written atomically (utils.files): a full disk or a kill leaves the old
+picture or none, never a broken one.
 """
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from utils.data_loader import denormalize_images  # noqa: E402
+from utils.files import atomic_write  # noqa: E402
 
 
-def _prepare(path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save_figure(fig, path) -> Path:
+    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=fig.dpi, format="png"))
+    plt.close(fig)
     return path
 
 
@@ -46,9 +49,8 @@ def grid_image(images: torch.Tensor, nrow: int = 8, normalize: bool = True,
 def save_images(images: torch.Tensor, filepath, nrow: int = 8, normalize: bool = True,
                 scale: int = 2) -> Path:
     """Save (N, C, H, W) images as one PNG grid of `nrow` images per row."""
-    path = _prepare(filepath)
-    grid_image(images, nrow, normalize, scale).save(path)
-    return path
+    picture = grid_image(images, nrow, normalize, scale)
+    return atomic_write(filepath, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def plot_images(images: torch.Tensor, title: str = "", nrow: int = 8, normalize: bool = True,
@@ -60,8 +62,9 @@ def plot_images(images: torch.Tensor, title: str = "", nrow: int = 8, normalize:
     ax.set_title(title)
     ax.axis("off")
     fig.tight_layout()
+    fig.set_dpi(100)
     if save_path is not None:
-        fig.savefig(_prepare(save_path), dpi=100)
+        atomic_write(save_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     if show:
         plt.show()
     plt.close(fig)
@@ -89,8 +92,8 @@ def plot_loss(losses, save_path, title: str = "Training loss", steps_per_epoch: 
     _draw_loss(ax, losses, steps_per_epoch)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(_prepare(save_path), dpi=100)
-    plt.close(fig)
+    fig.set_dpi(100)
+    _save_figure(fig, save_path)
 
 
 def _draw_loss(ax, losses: np.ndarray, steps_per_epoch: int | None):
@@ -139,15 +142,14 @@ def plot_training_curves(losses, evaluations: list[dict], save_path, steps_per_e
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(_prepare(save_path), dpi=100)
-    plt.close(fig)
+    fig.set_dpi(100)
+    _save_figure(fig, save_path)
 
 
 def save_labelled_grid(images: torch.Tensor, save_path, ncol: int, column_labels: list[str],
                        title: str = "", row_labels: list[str] | None = None) -> Path:
     """A grid (row-major, `ncol` per row) with a label over each column (and, if given,
     beside each row), via matplotlib."""
-    path = _prepare(save_path)
     picture = np.asarray(grid_image(images, nrow=ncol, scale=1))
     cell = picture.shape[1] / ncol
     fig, ax = plt.subplots(figsize=(max(4.0, 0.75 * ncol), 0.75 * picture.shape[0] / cell + 0.6))
@@ -163,9 +165,8 @@ def save_labelled_grid(images: torch.Tensor, save_path, ncol: int, column_labels
     if title:
         ax.set_title(title, fontsize=10, pad=18)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.set_dpi(110)
+    return _save_figure(fig, save_path)
 
 
 @torch.no_grad()
@@ -202,12 +203,11 @@ def save_chain(frames: list[torch.Tensor], save_path, labels: list[str], title: 
 def save_gif(frames: list[torch.Tensor], save_path, nrow: int = 8, duration_ms: int = 60,
              hold_last_ms: int = 1500) -> Path:
     """An animated GIF with one frame per entry of `frames` (each a batch of images)."""
-    path = _prepare(save_path)
     pictures = [grid_image(batch, nrow=nrow, scale=3) for batch in frames]
     durations = [duration_ms] * (len(pictures) - 1) + [hold_last_ms]
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations,
-                     loop=0, optimize=False)
-    return path
+    return atomic_write(save_path, lambda tmp: pictures[0].save(
+        tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations,
+        loop=0, optimize=False))
 
 
 def show(path) -> None:

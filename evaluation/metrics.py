@@ -1,35 +1,33 @@
-"""Sample-quality metrics for MNIST digits, measured in the evaluation classifier's space.
+"""Sample-quality metrics, measured in the space of the dataset's evaluation classifier.
 
 - FID: Frechet distance between Gaussians fitted to the classifier's 128-d
-  penultimate features of the samples and of the 10,000 MNIST test digits.
-- coverage: histogram of predicted digits and its KL divergence from uniform.
+  penultimate features of the samples and of the dataset's test split.
+- coverage: histogram of predicted classes and its KL divergence from uniform.
 - confidence: mean top-class probability, and the fraction above 0.9.
-- conditional accuracy (samples drawn for given digits): the share the classifier
-  assigns to the digit asked for, overall and per digit.
+- conditional accuracy (samples drawn for given classes): the share the classifier
+  assigns to the class asked for, overall and per class.
 - precision / recall: k-NN manifold estimates in feature space (Kynkaanniemi et al. 2019).
-- memorisation: mean pixel distance from each sample to its nearest training digit,
-  beside the same for real test digits.
+- memorisation: mean pixel distance from each sample to its nearest training image,
+  beside the same for real test images.
 
-Every result comes with its floor: the same metrics for real training digits (as
+Every result comes with its floor: the same metrics for real training images (as
 many as the samples) against the test set. FID depends on the sample count, so
-compare only at equal counts. The classifier is the one shipped in utils/weights/
+compare only at equal counts. The classifier is shipped for MNIST and Fashion-MNIST
 (its hash checked on load), so an FID means the same on every machine;
-`calibration` gives the scale: real, blurred and noise digits.
+`calibration` gives the scale: real, blurred and noise images.
 """
 from __future__ import annotations
-
-import json
-import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.classifier import load_classifier, predict
-from utils.data_loader import load_mnist, to_uint8
+from config import MIN_EVAL_SAMPLES as MIN_SAMPLES
+from evaluation.classifier import classifier_for, predict
+from utils.data_loader import as_image_batch, to_uint8
+from utils.datasets import Dataset
+from utils.errors import UsageError
 
-NUM_CLASSES = 10
 CONFIDENT = 0.9
 
 
@@ -58,23 +56,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def class_coverage(probs: torch.Tensor) -> dict:
     """Predicted-class histogram (fractions) and KL(histogram || uniform) in nats.
 
-    KL is 0 for perfectly balanced classes and log(10) = 2.30 for a single class.
+    KL is 0 for perfectly balanced classes and log(K) (2.30 for K = 10) for a single class.
     """
-    counts = torch.bincount(probs.argmax(1), minlength=NUM_CLASSES).double()
+    num_classes = probs.shape[1]
+    counts = torch.bincount(probs.argmax(1), minlength=num_classes).double()
     hist = counts / counts.sum()
     nonzero = hist > 0
-    kl = float((hist[nonzero] * torch.log(hist[nonzero] * NUM_CLASSES)).sum())
+    kl = float((hist[nonzero] * torch.log(hist[nonzero] * num_classes)).sum())
     return {"class_histogram": [round(float(h), 4) for h in hist], "class_kl": kl,
             "min_class_fraction": float(hist.min()), "max_class_fraction": float(hist.max())}
 
 
 def conditional_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Share of samples whose predicted digit is the one asked for, overall and per digit
-    (None for a digit nobody asked for)."""
+    """Share of samples whose predicted class is the one asked for, overall and per class
+    (None for a class nobody asked for)."""
     labels = labels.long().cpu()
     hit = (probs.argmax(1).cpu() == labels).double()
     per_class = [float(hit[labels == k].mean()) if (labels == k).any() else None
-                 for k in range(NUM_CLASSES)]
+                 for k in range(probs.shape[1])]
     return {"conditional_accuracy": float(hit.mean()), "per_class_accuracy": per_class}
 
 
@@ -116,7 +115,8 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict
 
 
 def nearest_neighbour_distance(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Pixel-space L2 distance (images in [0, 1]) from each image to its nearest reference."""
+    """Pixel-space L2 distance (uint8 images, as [0, 1]) from each image to its nearest
+    reference."""
     a = images.reshape(len(images), -1).float() / 255.0
     b = reference.reshape(len(reference), -1).float() / 255.0
     out = torch.empty(len(a))
@@ -126,46 +126,54 @@ def nearest_neighbour_distance(images: torch.Tensor, reference: torch.Tensor) ->
 
 
 class Evaluator:
-    """Scores sets of generated digits against the MNIST test set.
+    """Scores sets of generated images against a dataset's test split.
 
-    Loads the shipped evaluation classifier (or takes `classifier`, a (model, info) pair
-    such as `load_or_train_classifier` returns, for tests) and computes the test-set
-    feature statistics once; `evaluate(images)` takes uint8 (N, 28, 28) or float
-    (N, 1, 28, 28) in [-1, 1]. checkpoint_dir is accepted for callers written for the
-    classifier that was once cached there; nothing is read from or written to it.
+    Takes the dataset's evaluation classifier (shipped, or trained once and cached; or
+    `classifier`, a (model, info) pair, for tests) and computes the test-set feature
+    statistics once; `evaluate(images)` takes uint8 (N, H, W) / (N, C, H, W) or float
+    (N, C, H, W) in [-1, 1]. Class metrics need a classifier of the dataset's classes:
+    a one-class folder's classifier tells rotations apart, and reports FID, precision,
+    recall and memorisation only.
     """
 
-    def __init__(self, data_dir="./data", checkpoint_dir=None, device="cpu",
-                 progress: bool = True, log=print, download: bool = True,
+    def __init__(self, dataset: Dataset, device="cpu", progress: bool = True, log=print,
                  classifier: tuple | None = None):
+        self.dataset = dataset
         self.device = torch.device(device)
         self.progress = progress
-        model, self.classifier_info = classifier or load_classifier()
+        model, self.classifier_info = classifier or classifier_for(dataset, progress, log)
         self.classifier = model.to(self.device).eval()
-        self.train_images, self.train_labels = load_mnist(data_dir, train=True, download=download)
-        self.test_images, _ = load_mnist(data_dir, train=False, download=download)
+        self.has_classes = self.classifier_info.get("task", "classes") == "classes"
+        self.train_images, self.train_labels = dataset.load("train")
+        self.test_images, self.test_labels = dataset.load("test")
         self.test_features, _ = predict(self.classifier, self.test_images, progress=progress,
                                         desc="test-set features")
         self.test_mu, self.test_sigma = feature_statistics(self.test_features)
-        self._floors: dict[int, dict] = {}
+        self._floors: dict[tuple, dict] = {}
         self.memorisation_count = 2000
 
     def evaluate(self, images: torch.Tensor, floor: bool = True, memorisation: bool = True,
                  precision_recall_k: int | None = 3, labels: torch.Tensor | None = None) -> dict:
         """All metrics for `images`, plus the floor for the same count if `floor`.
-        labels: the digit each image was drawn for (a conditional model's), which adds
-        the conditional accuracy; its floor is the classifier's on real digits."""
-        images = images if images.dtype == torch.uint8 else to_uint8(images.cpu())
-        if images.dim() == 4:
-            images = images[:, 0]
-        assert images.shape[1:] == (28, 28), f"expected (N, 28, 28) digits, got {tuple(images.shape)}"
+        labels: the class each image was drawn for (a conditional model's), which adds
+        the conditional accuracy; its floor is the classifier's on real images."""
+        images = as_image_batch(images if images.dtype == torch.uint8 else to_uint8(images.cpu()))
+        if images.shape[1:] != self.dataset.image_shape:
+            raise UsageError(f"images of shape {tuple(images.shape[1:])} cannot be scored against "
+                             f"{self.dataset.title}, whose images are {self.dataset.image_shape}")
+        if len(images) < MIN_SAMPLES:
+            raise UsageError(f"evaluation needs at least {MIN_SAMPLES} images, got {len(images)} "
+                             f"(FID depends on the count: 10,000 is the standard)")
         features, probs = predict(self.classifier, images, progress=self.progress,
                                   desc="sample features")
+        if not torch.isfinite(features).all():
+            raise UsageError("the images' classifier features are not finite")
         mu, sigma = feature_statistics(features)
         result = {"num_samples": len(images),
-                  "fid": frechet_distance(mu, sigma, self.test_mu, self.test_sigma),
-                  **confidence(probs), **class_coverage(probs)}
-        if labels is not None:
+                  "fid": frechet_distance(mu, sigma, self.test_mu, self.test_sigma)}
+        if self.has_classes:
+            result.update(**confidence(probs), **class_coverage(probs))
+        if labels is not None and self.has_classes:
             if len(labels) != len(images):
                 raise ValueError(f"{len(labels)} labels for {len(images)} images")
             result.update(conditional_accuracy(probs, labels))
@@ -184,9 +192,9 @@ class Evaluator:
 
     def floor(self, count: int, memorisation: bool = True, precision_recall_k: int | None = 3,
               labels: bool = False) -> dict:
-        """The metrics of `count` real training digits (a fixed random subset) vs the test
-        set; for memorisation, the distance of real *test* digits to the training set;
-        with labels, the classifier's accuracy on those digits' true labels."""
+        """The metrics of `count` real training images (a fixed random subset) vs the test
+        set; for memorisation, the distance of real *test* images to the training set;
+        with labels, the classifier's accuracy on those images' true labels."""
         key = (count, memorisation, precision_recall_k, labels)
         if key not in self._floors:
             generator = torch.Generator().manual_seed(1234)
@@ -205,19 +213,21 @@ class Evaluator:
 
 
 def blur(images: torch.Tensor, size: int = 5) -> torch.Tensor:
-    """uint8 (N, 28, 28) digits smoothed by a size x size box filter, as uint8."""
-    x = images.float().unsqueeze(1)
-    kernel = torch.ones(1, 1, size, size) / size ** 2
-    return F.conv2d(x, kernel, padding=size // 2).round().clamp(0, 255).to(torch.uint8)[:, 0]
+    """uint8 (N, C, H, W) images smoothed by a size x size box filter, as uint8."""
+    x = as_image_batch(images).float()
+    channels = x.shape[1]
+    kernel = torch.ones(channels, 1, size, size) / size ** 2
+    return F.conv2d(x, kernel, padding=size // 2, groups=channels).round().clamp(0, 255).to(
+        torch.uint8)
 
 
 def calibration(evaluator: Evaluator, count: int = 10_000, precision_recall_k: int | None = 3
                 ) -> dict:
-    """The metrics of three reference sets of `count` digits against the test set, the
-    scale an FID is read on: 'real' (training digits: the floor, as good as a model can
-    be), 'blurred' (the same digits, 5x5 box blur) and 'noise' (uniform pixel noise)."""
+    """The metrics of three reference sets of `count` images against the test set, the
+    scale an FID is read on: 'real' (training images: the floor, as good as a model can
+    be), 'blurred' (the same images, 5x5 box blur) and 'noise' (uniform pixel noise)."""
     real = evaluator.train_images[-count:]
-    noise = torch.randint(0, 256, (count, 28, 28), dtype=torch.uint8,
+    noise = torch.randint(0, 256, (count, *evaluator.dataset.image_shape), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
     return {name: evaluator.evaluate(images, floor=False, memorisation=False,
                                      precision_recall_k=precision_recall_k)
@@ -235,7 +245,7 @@ def format_report(result: dict, title: str = "") -> str:
         base = floor.get(key)
         text = f"  {name:<28}{format(value, fmt):>10}"
         if base is not None:
-            text += f"   (real digits: {format(base, fmt)})"
+            text += f"   (real images: {format(base, fmt)})"
         return text + note
 
     lines = [title] if title else []
@@ -245,37 +255,19 @@ def format_report(result: dict, title: str = "") -> str:
         row("classified with p > 0.9", "confident_fraction", ".1%"),
         row("mean confidence", "mean_confidence", ".3f"),
         row("class KL from uniform", "class_kl", ".4f"),
-        row("the digit asked for", "conditional_accuracy", ".2%",
+        row("the class asked for", "conditional_accuracy", ".2%",
             f"  (guidance {result['guidance']:g})" if "guidance" in result else ""),
         row("precision (k=3)", "precision", ".3f"),
         row("recall (k=3)", "recall", ".3f"),
         row("nearest-train distance", "nn_train_distance", ".3f",
-            "  (real = test digits; much lower = copying)"),
+            "  (real = test images; much lower = copying)"),
     ])
     hist = result.get("class_histogram")
     if hist:
-        lines.append(f"  {'digits 0-9 (%)':<24}" + "".join(f"{100 * h:6.1f}" for h in hist))
+        lines.append(f"  {'classes 0-' + str(len(hist) - 1) + ' (%)':<24}"
+                     + "".join(f"{100 * h:6.1f}" for h in hist))
     per_class = result.get("per_class_accuracy")
     if per_class:
-        lines.append(f"  {'right digit, 0-9 (%)':<24}" + "".join(
+        lines.append(f"  {'right class, 0-' + str(len(per_class) - 1) + ' (%)':<24}" + "".join(
             "     -" if a is None else f"{100 * a:6.1f}" for a in per_class))
     return "\n".join(lines)
-
-
-def save_json(data: dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plain(data), indent=2) + "\n")
-    return path
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value

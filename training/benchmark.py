@@ -19,8 +19,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from config import Config
+from sampling.settings import labels_for, resolve
+from training.trainer import Trainer
+from utils import distributed as dist
+from utils.files import save_json
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, in FLOP/s.
 BF16_PEAK = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
@@ -65,12 +70,10 @@ def device_name(device: torch.device) -> str:
 
 def training_flops_per_image(trainer, x0: torch.Tensor) -> float:
     """FLOPs of forward + backward of the loss, per image (matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         loss = trainer.model.compute_loss(x0, generator=torch.Generator(x0.device).manual_seed(0))
         loss.backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / x0.shape[0]
 
 
@@ -80,7 +83,7 @@ def benchmark_training(trainer, warmup_steps: int, timed_steps: int, log=print,
     unless given: the same model's count from another run), FLOP/s as a fraction of
     the card's bf16 peak, and the peak memory of training alone."""
     config, device = trainer.config, trainer.device
-    batches = _endless(trainer)
+    batches = trainer.batches()
     flops = flops or training_flops_per_image(trainer, next(batches)[0])
     log(f"benchmark on {device}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M parameters, "
         f"batch {config.BATCH_SIZE}, {trainer.precision}, "
@@ -120,7 +123,7 @@ def benchmark_training(trainer, warmup_steps: int, timed_steps: int, log=print,
         "model_channels": config.MODEL_CHANNELS, "channel_mult": list(config.CHANNEL_MULT),
         "num_res_blocks": config.NUM_RES_BLOCKS, "attention": config.ATTENTION,
         "train_images_per_s": train_rate,
-        "train_seconds_per_epoch": len(trainer.batcher) * config.BATCH_SIZE / train_rate,
+        "train_seconds_per_epoch": trainer.steps_per_epoch * config.BATCH_SIZE / train_rate,
         "warmup_steps": warmup_steps, "timed_steps": timed_steps,
         "warmup_seconds": warmup_seconds,
         "train_peak_memory_mb": peak_mb, "peak_memory_kind": peak_memory_kind(device),
@@ -144,10 +147,12 @@ def benchmark_sampling(model, count: int, batch: int, precision: str = "fp32",
     kwargs = dict(sampler=sampler, steps=steps, eta=eta, seed=0, precision=precision,
                   spacing=spacing)
 
+    classes = list(range(model.num_classes)) or None
+
     def conditioned(n: int) -> dict:
         if not model.conditional:
             return {}
-        return dict(labels=torch.arange(n, device=device) % 10, guidance=guidance)
+        return dict(labels=labels_for(classes, n, device=device), guidance=guidance)
 
     warmup = min(batch, count)
     model.generate(warmup, batch_size=batch, progress=False, **kwargs, **conditioned(warmup))
@@ -176,15 +181,11 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
                   log=print) -> dict:
     """Training, then sampling (fp32, and bf16 on CUDA), of the model `config` describes;
     writes OUTPUT_DIR/benchmark.json and returns the same dict."""
-    from utils.metrics import save_json
-    from utils.trainer import Trainer
-
     device = torch.device(config.DEVICE)
     on_gpu = device.type == "cuda"
     warmup_steps = warmup_steps or (30 if on_gpu else 3)
     timed_steps = timed_steps or (200 if on_gpu else 10)
     sample_count = sample_count or (10_000 if on_gpu else 200)
-    from utils import distributed as dist
 
     if dist.world_size() > 1:  # torchrun: one process alone first, as the reference
         def one_process():
@@ -206,7 +207,7 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
             f"{100 * result['scaling_efficiency']:.0f}%")
         if not dist.is_main():
             return result
-    steps = None if config.SAMPLER == "ddpm" else config.SAMPLING_STEPS
+    steps = resolve(config).steps
     batch = min(sample_count, 10_000 if on_gpu else 500)
     for precision in (["fp32", "bf16"] if on_gpu else ["fp32"]):
         sampled = benchmark_sampling(trainer.ema, sample_count, batch, precision, config.SAMPLER,
@@ -221,10 +222,3 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
     path = save_json(result, Path(config.OUTPUT_DIR) / "benchmark.json")
     log(f"wrote {path}")
     return result
-
-
-def _endless(trainer):
-    epoch = 0
-    while True:
-        yield from trainer.batcher.labelled(epoch)  # (images, labels or None)
-        epoch += 1

@@ -1,0 +1,289 @@
+"""The sampling functions: the Python API, and the jobs that generate.py dispatches to.
+
+Each function takes a loaded model (`load_model`), draws with the checkpoint's settings
+unless told otherwise (`sampling.settings.resolve`, the one resolver), and, given a
+`save_path`, writes its picture there; it returns the images (in [-1, 1], on the CPU).
+Image i of a draw depends only on (seed, i, its class), never on the batch size (up to
+float rounding) or, under torchrun, on the number of processes.
+
+    model = load_model("runs/NAME/latest.pt")            # or "pretrained"
+    images = generate_images(model, 100, save_path="grid.png")
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from config import ConfigError
+from models.diffusion import DiffusionModel
+from models.interpolation import class_weights, interpolation_path, invert
+from sampling import pretrained
+from sampling.settings import (SamplingSettings, arrange, choose_classes, class_index,
+                               labels_for, resolve)
+from utils import distributed as dist
+from utils.data_loader import normalize_images
+from utils.datasets import open_dataset
+from utils.seeding import PerSampleNoise
+from utils.visualization import (display_available, plot_images, save_chain, save_gif,
+                                 save_images, save_labelled_grid, visualize_diffusion_process)
+
+
+def load_model(checkpoint_path="pretrained", device=None, ema: bool = True) -> DiffusionModel:
+    """The DiffusionModel of a checkpoint, in eval mode on `device` (default: CUDA if
+    present), ready to sample; `model.config` is the Config it was trained with.
+    "pretrained" is the model that ships with the repo (its SHA-256 checked). ema=False
+    loads the raw weights instead of their average. Raises CheckpointError (one line)
+    for a missing or bad file."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = pretrained.resolve(checkpoint_path)
+    model, _ = DiffusionModel.from_checkpoint(path, device, ema=ema)
+    return model
+
+
+def settings_for(model: DiffusionModel, sampler=None, steps=None, eta=None, spacing=None,
+                 guidance=None, guidance_rescale: float = 0.0,
+                 precision: str = "fp32") -> SamplingSettings:
+    """`sampling.settings.resolve` with this model's checkpoint settings as defaults."""
+    return resolve(model.config, sampler, steps, eta, spacing, guidance, guidance_rescale,
+                   precision, model.scheduler.betas.device)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux: MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(count: int, image_shape: tuple, flag: str = "--num-samples") -> None:
+    """ConfigError before sampling when `count` images cannot fit in memory at all."""
+    needed = 2 * count * math.prod(image_shape) * 4  # float32, the batches and their concatenation
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise ConfigError(f"{flag} {count:,} needs about {needed / 2 ** 30:,.1f} GB of memory for "
+                          f"the images alone; this machine has {available / 2 ** 30:,.1f} GB "
+                          f"available: ask for fewer")
+
+
+def draw(model: DiffusionModel, count: int, settings: SamplingSettings,
+         classes: list[int] | None = None, seed: int = 0, batch_size: int = 500,
+         progress: bool = True) -> torch.Tensor | None:
+    """Images 0 .. count-1 of (seed, classes) on the CPU. Under torchrun each process
+    draws its share and rank 0 gets them all (the others get None)."""
+    check_memory(count, model.image_shape)
+    part = dist.local_slice(count)
+    labels = labels_for(classes, count)
+    images = model.generate(part.stop - part.start, first_index=part.start,
+                            batch_size=batch_size, progress=progress and dist.is_main(),
+                            labels=None if labels is None else labels[part], seed=seed,
+                            **settings.sample_kwargs())
+    if not torch.isfinite(images).all():
+        raise ConfigError("the model produced non-finite images: its weights are damaged "
+                          "(use an earlier checkpoint of the run)")
+    return dist.gather_to_rank0(images.cpu())
+
+
+def _show(images: torch.Tensor, nrow: int, title: str) -> None:
+    if display_available():
+        plot_images(images, title, nrow=nrow, show=True)
+
+
+def generate_images(model, num_samples: int, device=None, save_path=None,
+                    show_images: bool = True, sampler: str | None = None,
+                    steps: int | None = None, eta: float | None = None, seed: int = 0,
+                    batch_size: int = 500, precision: str = "fp32", progress: bool = True,
+                    digits: list | None = None, guidance: float | None = None,
+                    guidance_rescale: float = 0.0):
+    """Draw `num_samples` images: a (N, C, H, W) tensor in [-1, 1], on the CPU.
+
+    Sampler, steps and eta default to the checkpoint's settings; image i depends only on
+    (seed, i) (and on its class). digits: the classes to draw (a conditional checkpoint;
+    indices or names; default all): image i draws digits[i mod k], with classifier-free
+    guidance of scale `guidance` (default: the checkpoint's); the PNG then has one row per
+    class. save_path writes a PNG grid; show_images draws the grid where a display exists
+    (a notebook, a desktop) and does nothing on a headless machine."""
+    if device is not None:
+        model = model.to(device)
+    classes = choose_classes(model.config, digits, "digits")
+    settings = settings_for(model, sampler, steps, eta, None, guidance, guidance_rescale,
+                            precision)
+    images = draw(model, num_samples, settings, classes, seed, batch_size, progress)
+    if images is None:  # not rank 0 of several processes
+        return None
+    shown, nrow = arrange(images, classes)
+    if save_path is not None:
+        save_images(shown, save_path, nrow=nrow)
+    if show_images:
+        _show(shown, nrow, f"{num_samples} samples")
+    return images
+
+
+def generate_interpolation(model, num_steps: int = 10, device=None, save_path=None,
+                           pairs: int = 1, seed: int = 0, steps: int | None = None,
+                           precision: str = "fp32", show_images: bool = False,
+                           digits: list | None = None, guidance: float | None = None,
+                           guidance_rescale: float = 0.0):
+    """Decode a spherical path between `pairs` pairs of noise vectors (deterministic DDIM):
+    a (pairs, num_steps, C, H, W) tensor in [-1, 1], on the CPU; one row per pair in
+    the PNG at save_path. A conditional checkpoint keeps one class along each row: row r
+    draws digits[r mod k] (default: all classes) with guidance `guidance` (default: the
+    checkpoint's)."""
+    if device is not None:
+        model = model.to(device)
+    settings = settings_for(model, "ddim", steps, 0.0, None, guidance, guidance_rescale,
+                            precision)
+    noise = PerSampleNoise(seed, range(2 * pairs), model.image_shape,
+                           model.scheduler.betas.device).initial()
+    classes = choose_classes(model.config, digits, "digits")
+    labels = labels_for(classes, pairs, device=noise.device)
+    images = interpolation_path(model, noise[0::2], noise[1::2], num_steps, settings.steps,
+                                precision, labels=labels, guidance=settings.guidance,
+                                guidance_rescale=guidance_rescale).cpu()
+    if save_path is not None:
+        save_images(images.flatten(0, 1), save_path, nrow=num_steps)
+    if show_images:
+        _show(images.flatten(0, 1), num_steps, "interpolation")
+    return images
+
+
+def generate_class_interpolation(model, first, last, num_steps: int = 10,
+                                 device=None, save_path=None, pairs: int = 1, seed: int = 0,
+                                 guidance: float | None = None, steps: int | None = None,
+                                 precision: str = "fp32", sampler: str | None = None,
+                                 spacing: str | None = None, guidance_rescale: float = 0.0):
+    """Class `first` turning into class `last` at fixed noise (a conditional checkpoint;
+    indices or names): column k is sampled with the class embedding (1 - a) e_first +
+    a e_last, a = k/(K-1), deterministically (`sampler`, default the checkpoint's, with
+    eta 0; DPM-Solver++ for ddpm), with classifier-free guidance `guidance` (default: the
+    checkpoint's). Returns (pairs, num_steps, C, H, W) in [-1, 1] on the CPU; row r uses
+    the noise of image r under `seed`."""
+    first, last = choose_classes(model.config, [first, last], "interpolating between classes")
+    if device is not None:
+        model = model.to(device)
+    settings = settings_for(model, sampler, steps, 0.0, spacing, guidance, guidance_rescale,
+                            precision).deterministic()
+    device = model.scheduler.betas.device
+    e_first, e_last = (class_weights(model, torch.full((pairs,), c, device=device))
+                       for c in (first, last))
+    columns = [model.sample((pairs, *model.image_shape), seed=seed,
+                            labels=(1 - a) * e_first + a * e_last, **settings.sample_kwargs()).cpu()
+               for a in torch.linspace(0, 1, num_steps).tolist()]
+    images = torch.stack(columns, dim=1)
+    if save_path is not None:
+        save_images(images.flatten(0, 1), save_path, nrow=num_steps)
+    return images
+
+
+def interpolate_real(model, first_image: torch.Tensor, last_image: torch.Tensor,
+                     num_steps: int = 10, inversion_steps: int = 100, labels=None,
+                     precision: str = "fp32", save_path=None) -> tuple[torch.Tensor, float]:
+    """Between two real images (uint8 (C, H, W)): each inverted to the noise that DDIM with
+    `inversion_steps` steps maps back to it, the noise slerped and decoded; a conditional
+    checkpoint gets their two classes (`labels`), its class embedding moving along.
+    Returns (the strip: real, num_steps decoded, real; in [-1, 1] on the CPU, and the mean
+    |pixel| error of reconstructing the two ends)."""
+    device = model.scheduler.betas.device
+    real = normalize_images(torch.stack([first_image, last_image])).to(device)
+    if model.conditional and labels is not None:
+        labels = torch.as_tensor(labels).long().to(device)
+    else:
+        labels = None
+    latents = invert(model, real, inversion_steps, precision, labels)
+    ends = None if labels is None else (labels[:1], labels[1:])
+    images = interpolation_path(model, latents[:1], latents[1:], num_steps, inversion_steps,
+                                precision, clip_x0=False, labels=ends)[0]
+    error = (images[[0, -1]] - real).abs().mean().item()
+    strip = torch.cat([real[:1], images, real[1:]]).cpu()
+    if save_path is not None:
+        save_images(strip, save_path, nrow=len(strip))
+    return strip, error
+
+
+def guidance_strip(model, classes: list, guidances: list[float], seed: int = 0,
+                   save_path=None, **settings) -> torch.Tensor:
+    """What guidance does: row r draws class classes[r] from the noise of image r, once per
+    guidance scale (the columns); a class listed twice gets two rows of different noise.
+    settings: sampler, steps, eta, spacing, guidance_rescale, precision (default: the
+    checkpoint's). Returns (rows * columns, C, H, W) in [-1, 1] on the CPU."""
+    classes = choose_classes(model.config, classes, "--guidance")
+    labels = torch.tensor(classes)
+    columns = []
+    for w in guidances:
+        chosen = settings_for(model, guidance=w, **settings)
+        columns.append(model.sample((len(classes), *model.image_shape), labels=labels,
+                                    seed=seed, **chosen.sample_kwargs()).cpu())
+    images = torch.stack(columns, dim=1).flatten(0, 1)
+    if save_path is not None:
+        names = model.config.class_names
+        save_labelled_grid(images, save_path, len(guidances), [f"W={w:g}" for w in guidances],
+                           "classifier-free guidance: eps_u + W (eps_c - eps_u)",
+                           row_labels=[names[c] for c in classes])
+    return images
+
+
+def chain(model, count: int = 8, settings: SamplingSettings | None = None, classes=None,
+          seed: int = 0, png_path=None, gif_path=None, columns: int = 11, gif_frames: int = 60,
+          progress: bool = False) -> list[torch.Tensor]:
+    """x_t along the reverse process for `count` samples: the frames x_T, ..., x_0 (each
+    (count, C, H, W) on the CPU); a PNG grid of `columns` of them and an animated GIF."""
+    settings = settings or settings_for(model)
+    classes = choose_classes(model.config, classes, "--digit")
+    states = []
+    model.sample((count, *model.image_shape), first_index=0, progress=progress, seed=seed,
+                 labels=labels_for(classes, count),
+                 callback=lambda i, t, x, x0: states.append((t, x.clamp(-1, 1).cpu())),
+                 **settings.sample_kwargs())
+    x_T = PerSampleNoise(seed, range(count), model.image_shape, "cpu").initial()
+    frames = [x_T] + [x for _, x in states]
+    levels = [t for t, _ in states]  # the state after the step at levels[k] is at levels[k + 1]
+    labels = ["x_T"] + [f"t={t}" for t in levels[1:]] + ["x_0"]
+    pick = sorted({round(k * (len(frames) - 1) / (columns - 1)) for k in range(columns)})
+    if png_path is not None:
+        title = (f"reverse process, {settings.sampler} with {len(states)} steps: "
+                 f"x_T (noise) -> x_0")
+        save_chain([frames[k] for k in pick], png_path, [labels[k] for k in pick], title)
+    if gif_path is not None:
+        every = max(1, len(frames) // gif_frames)
+        gif_list = frames[::every] + ([frames[-1]] if (len(frames) - 1) % every else [])
+        save_gif(gif_list, gif_path, nrow=min(count, 8))
+    return frames
+
+
+def forward_process(model, images: torch.Tensor, save_path=None,
+                    fractions=(0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)) -> torch.Tensor:
+    """The forward (noising) process on real images (uint8 (N, C, H, W)): one row per
+    image, one column per noise level (fractions of the timesteps)."""
+    x0 = normalize_images(images)
+    timesteps = model.timesteps
+    shown = [min(round(f * timesteps), timesteps - 1) for f in fractions]
+    return visualize_diffusion_process(model, x0, shown, save_path=save_path)
+
+
+def test_images(model, indices, data_dir=None, download: bool = True,
+                what: str = "--interpolate-real"):
+    """Real test images (uint8 (N, C, H, W)) and labels of the model's dataset, by index;
+    ConfigError names `what` and the valid range."""
+    config = model.config
+    dataset = open_dataset(config.DATASET, data_dir or config.DATA_DIR or None, download,
+                           config.CHANNELS, config.IMAGE_SIZE)
+    images, labels = dataset.load("test")
+    for index in indices:
+        if not 0 <= index < len(images):
+            raise ConfigError(f"{what} {index}: test-set indices run from 0 to {len(images) - 1}")
+    return images[list(indices)], labels[list(indices)]
+
+
+def class_of(model, value) -> int:
+    """A class of the model by index or name (ConfigError otherwise)."""
+    return class_index(model.config, value)
+
+
+__all__ = ["load_model", "generate_images", "generate_interpolation",
+           "generate_class_interpolation", "interpolate_real", "guidance_strip", "chain",
+           "forward_process", "draw", "settings_for", "test_images", "class_of"]

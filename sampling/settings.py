@@ -1,0 +1,169 @@
+"""The rules every sampling path follows, each written once.
+
+- `resolve`: the sampler, steps, eta, spacing, guidance and precision of a draw, from
+  what was asked with the checkpoint's settings as defaults; ddpm takes every timestep.
+- `labels_for`: image i of a draw for classes c_0 .. c_{k-1} is of class c_{i mod k}, so
+  image i depends only on (seed, i, its class) whatever the batch or the process.
+- `arrange`: the one layout of every picture of samples: one row per class asked for
+  (row r: class c_r's images in order), or, without classes (or for one class), a
+  square-ish grid at most 10 wide.
+- `default_count`: 10 images per class asked for, 100 without classes.
+- `choose_classes`: a conditional model draws the classes asked for, or all of them; an
+  unconditional one refuses to be asked.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from config import Config, ConfigError
+
+PER_CLASS = 10  # images per class in a default picture
+UNCONDITIONAL_COUNT = 100  # images in a default picture without classes
+MAX_WIDTH = 10  # images per row, at most, in a grid without classes
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    sampler: str
+    steps: int
+    eta: float
+    spacing: str
+    guidance: float = 1.0
+    guidance_rescale: float = 0.0
+    precision: str = "fp32"
+
+    @property
+    def label(self) -> str:
+        """'dpm-solver-20-eta1', 'ddpm-1000', 'ddim-50-quadratic': names of output files."""
+        text = f"{self.sampler}-{self.steps}"
+        if self.sampler != "ddpm":
+            text += (f"-eta{self.eta:g}" if self.eta else "") + (
+                f"-{self.spacing}" if self.spacing != "auto" else "")
+        return text
+
+    def network_evaluations(self, conditional: bool) -> int:
+        """Network evaluations per image: two a step under guidance other than 0 or 1."""
+        doubled = conditional and self.guidance not in (0, 1)
+        return self.steps * (2 if doubled else 1)
+
+    def sample_kwargs(self) -> dict:
+        """The keyword arguments of DiffusionModel.sample / generate."""
+        return dict(sampler=self.sampler, steps=self.steps, eta=self.eta, spacing=self.spacing,
+                    precision=self.precision, guidance=self.guidance,
+                    guidance_rescale=self.guidance_rescale)
+
+    def deterministic(self) -> "SamplingSettings":
+        """The same settings without sampling noise (eta 0); ddpm, which is stochastic by
+        definition, becomes its deterministic stand-in DPM-Solver++ with 20 steps."""
+        if self.sampler == "ddpm":
+            return replace(self, sampler="dpm-solver", steps=min(20, self.steps), eta=0.0)
+        return replace(self, eta=0.0)
+
+
+def resolve_precision(precision: str, device) -> str:
+    """'auto' -> bf16 on CUDA, fp32 elsewhere; other values as they are."""
+    if precision == "auto":
+        return "bf16" if str(device).startswith("cuda") else "fp32"
+    return precision
+
+
+def resolve(config: Config, sampler: str | None = None, steps: int | None = None,
+            eta: float | None = None, spacing: str | None = None, guidance: float | None = None,
+            guidance_rescale: float = 0.0, precision: str = "fp32",
+            device="cpu") -> SamplingSettings:
+    """What to sample with: each value as asked, else the checkpoint's (`config`).
+
+    ddpm is ancestral sampling over every timestep: it takes all TIMESTEPS steps, and
+    asking it for another count is a ConfigError that names the respaced equivalent."""
+    sampler = sampler or config.SAMPLER
+    timesteps = config.TIMESTEPS
+    if steps is None:
+        steps = timesteps if sampler == "ddpm" else min(config.SAMPLING_STEPS, timesteps)
+    if steps > timesteps:
+        raise ConfigError(f"--steps {steps} exceeds the checkpoint's {timesteps} timesteps")
+    if sampler == "ddpm" and steps != timesteps:
+        raise ConfigError(f"--sampler ddpm always takes all {timesteps} steps; for --steps "
+                          f"{steps} use --sampler ddim --eta 1 (the same sampler, respaced)")
+    return SamplingSettings(sampler=sampler, steps=steps,
+                            eta=config.ETA if eta is None else eta,
+                            spacing=spacing or config.SPACING,
+                            guidance=config.GUIDANCE if guidance is None else guidance,
+                            guidance_rescale=guidance_rescale,
+                            precision=resolve_precision(precision, device))
+
+
+def for_training(config: Config) -> SamplingSettings:
+    """The settings of a run's sample grids and evaluations: its own."""
+    return resolve(config)
+
+
+def choose_classes(config: Config, classes=None, what: str = "--digit") -> list[int] | None:
+    """The classes to draw: as asked (a conditional checkpoint only; names or indices), or
+    all of a conditional checkpoint's classes (its "no class" branch alone draws poor
+    images); None (no classes) for an unconditional one."""
+    if classes:
+        if not config.CONDITIONAL:
+            raise ConfigError(f"{what} needs a class-conditional checkpoint; this one was "
+                              f"trained without --conditional and draws random images only "
+                              f"(train one with: python main.py --conditional, the CPU "
+                              f"preset's default)")
+        return [class_index(config, c, what) for c in classes]
+    return list(range(config.num_classes)) if config.CONDITIONAL else None
+
+
+def class_index(config: Config, value, what: str = "--class") -> int:
+    """A class by index or by name (case-insensitive); ConfigError names the valid ones."""
+    names = config.class_names
+    if isinstance(value, int) or str(value).strip().isdigit():
+        index = int(value)
+        if 0 <= index < len(names):
+            return index
+    else:
+        lowered = [n.lower() for n in names]
+        if str(value).strip().lower() in lowered:
+            return lowered.index(str(value).strip().lower())
+    raise ConfigError(f"{what} {value}: this checkpoint's classes are 0-{len(names) - 1}"
+                      + ("" if names == tuple(map(str, range(len(names))))
+                         else f" ({', '.join(names)})"))
+
+
+def labels_for(classes: list[int] | None, count: int, first: int = 0,
+               device="cpu") -> torch.Tensor | None:
+    """The class of images first .. first + count - 1: image i draws classes[i mod k]."""
+    if not classes:
+        return None
+    index = torch.arange(first, first + count) % len(classes)
+    return torch.tensor(classes, dtype=torch.long)[index].to(device)
+
+
+def default_count(classes: list[int] | None) -> int:
+    return PER_CLASS * len(classes) if classes else UNCONDITIONAL_COUNT
+
+
+def arrange(images: torch.Tensor, classes: list[int] | None,
+            per_class: int | None = None) -> tuple[torch.Tensor, int]:
+    """The picture of images drawn with `labels_for(classes, N)`: (images in reading order,
+    images per row). Several classes: row r holds class classes[r]'s images (at most
+    `per_class`). Otherwise a square-ish grid at most MAX_WIDTH wide (at most
+    per_class^2 images... or per_class rows of MAX_WIDTH, whichever is given)."""
+    k = len(classes or ())
+    if k <= 1:
+        shown = images if per_class is None else images[:per_class * MAX_WIDTH]
+        width = min(MAX_WIDTH, max(1, math.ceil(math.sqrt(len(shown)))))
+        return shown, width
+    per = len(images) // k
+    if per == 0:
+        return images, len(images)
+    rows = images[:per * k].reshape(per, k, *images.shape[1:]).transpose(0, 1)
+    rows = rows[:, :per_class] if per_class else rows
+    return rows.flatten(0, 1), rows.shape[1]
+
+
+def format_classes(config: Config, classes: list[int]) -> str:
+    """'0-9' for all of a dataset's classes in order, else their names."""
+    if classes == list(range(config.num_classes)):
+        return f"0-{config.num_classes - 1}" if config.DATASET == "mnist" else "all classes"
+    return ", ".join(config.class_names[c] for c in classes)
