@@ -109,7 +109,7 @@ class Config:
     SAVE_EVERY: int = 10  # write a checkpoint and a sample grid every this many epochs
     SAVE_EVERY_STEPS: int = 0  # also refresh latest.pt every this many steps (0 = off)
     KEEP: int = 3  # periodic checkpoints kept besides latest.pt
-    NUM_SAMPLES: int = 16  # digits in each sample grid (--conditional: whole rows of 0-9)
+    NUM_SAMPLES: int = 16  # images in each sample grid (conditional: rounded up to the same number of each class, one row per class)
     PRINT_EVERY: int = 100  # update the progress bar's loss every this many steps
     EVAL_EVERY: int = 0  # evaluate FID every this many epochs (0 = off)
     EVAL_SAMPLES: int = 1000  # samples per evaluation during training
@@ -119,7 +119,7 @@ class Config:
     SAMPLING_STEPS: int = 20  # network evaluations per sample (ddpm always uses TIMESTEPS)
     ETA: float = 0.0  # sampler noise: 0 = deterministic; 1 = ancestral (ddim), the SDE (dpm-solver)
     SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim
-    GUIDANCE: float = 1.0  # classifier-free guidance W: eps_u + W (eps_c - eps_u); 0 = unconditional, 1 = plain conditional (the best FID: README sweep)
+    GUIDANCE: float = 1.0  # classifier-free guidance W: eps_u + W (eps_c - eps_u); 0 = unconditional, 1 = plain conditional (the best FID: docs/evaluation.md)
 
     # --- provenance ---
     PRESET: Preset = "none"  # the preset this run started from (set by --preset; none = the defaults)
@@ -168,6 +168,14 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise ConfigError naming the flag for the first setting that cannot work."""
+        self._check_numbers()
+        self._check_data()
+        self._check_ranges()
+        self._check_model()
+        return self
+
+    def _check_numbers(self) -> None:
+        """Finite, positive and non-negative where a setting must be."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -186,6 +194,9 @@ class Config:
             value = getattr(self, name)
             if not value >= 0:
                 raise ConfigError(f"{flag_for(name)} must be >= 0, got {value}")
+
+    def _check_data(self) -> None:
+        """The dataset, its image shape, and what a batch and an evaluation need."""
         if self.EVAL_EVERY and self.EVAL_SAMPLES < MIN_EVAL_SAMPLES:
             raise ConfigError(f"--eval-samples must be at least {MIN_EVAL_SAMPLES} (FID needs a "
                               f"covariance; 1,000 is the default), got {self.EVAL_SAMPLES}")
@@ -197,10 +208,16 @@ class Config:
                               f"--channels {self.CHANNELS} --image-size {self.IMAGE_SIZE}")
         if self.CHANNELS not in (1, 3):
             raise ConfigError(f"--channels must be 1 (greyscale) or 3 (colour), got {self.CHANNELS}")
+        if self.DATASET == "folder" and not self.DATA_DIR:
+            raise ConfigError("--dataset folder needs --data-dir DIR (your images in "
+                              "DIR/<class name>/*.png)")
         available = builtin_train_size(self.DATASET)
         if available and self.BATCH_SIZE > (self.TRAIN_SIZE or available):
             raise ConfigError(f"--batch-size {self.BATCH_SIZE} exceeds the "
                               f"{self.TRAIN_SIZE or available:,} training images")
+
+    def _check_ranges(self) -> None:
+        """Settings that must lie in an interval."""
         if not 0 < self.BETA_START < 1:
             raise ConfigError(f"--beta-start must lie in (0, 1), got {self.BETA_START}")
         if not 0 < self.BETA_END < 1:
@@ -226,6 +243,9 @@ class Config:
         if self.SAMPLING_STEPS > self.TIMESTEPS:
             raise ConfigError(f"--sampling-steps ({self.SAMPLING_STEPS}) cannot exceed "
                               f"--timesteps ({self.TIMESTEPS})")
+
+    def _check_model(self) -> None:
+        """The UNet's shape against the image's, the closed sets, the device."""
         if not self.CHANNEL_MULT or any(m <= 0 for m in self.CHANNEL_MULT):
             raise ConfigError(f"--channel-mult needs positive integers, got {self.CHANNEL_MULT}")
         if self.IMAGE_SIZE % self.PATCH_SIZE:
@@ -242,7 +262,6 @@ class Config:
                                   f"expected one of {', '.join(get_args(hint))}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.DEVICE):
             raise ConfigError(f"--device must be cpu or cuda[:N], got {self.DEVICE!r}")
-        return self
 
 
 # Settings that may differ when a run is resumed: they steer the run, not what is learned.
@@ -266,16 +285,16 @@ def config_for_resume(saved: Config, requested: dict) -> Config:
 # Named groups of settings for common machines; explicit flags still win.
 PRESETS = {
     "none": {},  # the defaults above: the 3.3M-parameter model, for a GPU
-    # A small model for a 2-core CPU: digits in 15 minutes (README, "Training on a CPU").
+    # A small model for a 2-core CPU: digits in 15 minutes (docs/training.md).
     # Each choice was measured against the alternatives there (runs of equal wall-clock time).
     "cpu": dict(MODEL_CHANNELS=16, CHANNEL_MULT=(1, 2, 4), NUM_RES_BLOCKS=1, TIME_EMBED_DIM=64,
                 ATTENTION=False, DROPOUT=0.0, PREDICTION="v", BATCH_SIZE=32, LEARNING_RATE=4e-3,
                 LR_WARMUP_STEPS=200, EMA_DECAY=0.9995, DEVICE="cpu", EPOCHS=100, MAX_MINUTES=15.0,
-                SAVE_EVERY=1, ETA=1.0,  # SDE sampling: FID 25 vs 34 (ODE) at 20 steps, README
-                # decay to 0 over the budget + power EMA: FID 45.9 vs 51.8 at 8,000 steps (README)
+                SAVE_EVERY=1, ETA=1.0,  # SDE sampling: FID 25 vs 34 (ODE) at 20 steps, docs/sampling.md
+                # decay to 0 over the budget + power EMA: FID 45.9 vs 51.8 at 8,000 steps (docs/training.md)
                 LR_SCHEDULE="linear", EMA_RULE="power", EMA_STD=0.05,
                 # trained with the digits' labels (grids of 0-9, --digit): FID 5.8 against
-                # 34.6 without them in 15 minutes (README); --no-conditional for the latter
+                # 34.6 without them in 15 minutes (docs/training.md); --no-conditional for the latter
                 CONDITIONAL=True),
 }
 

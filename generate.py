@@ -37,15 +37,16 @@ from evaluation.npz import load_samples, write_samples
 from sampling import pretrained
 from sampling.api import (chain, draw, forward_process, generate_class_interpolation,
                           generate_images, generate_interpolation, guidance_strip,
-                          interpolate_real, load_model, settings_for, test_images)
-from sampling.settings import arrange, choose_classes, default_count, format_classes, labels_for
+                          interpolate_real, load_model, save_grid, settings_for, test_images)
+from sampling.settings import (arrange, choose_classes, default_count, format_classes, labels_for,
+                               row_labels)
 from utils import distributed as dist
 from utils.data_loader import to_uint8
 from utils.datasets import open_dataset
 from utils.errors import report_errors
 from utils.files import save_json, unused
 from utils.runs import newest_checkpoint
-from utils.visualization import save_images, show
+from utils.visualization import show
 
 __all__ = ["load_model", "generate_images", "generate_interpolation",
            "generate_class_interpolation", "main", "build_parser"]
@@ -83,24 +84,50 @@ def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog="generate.py",
                               description="Generate images from a checkpoint (README.md; every "
                                           "flag: docs/reference.md).")
-    p.add_argument("--checkpoint", help="checkpoint written by main.py, or 'pretrained' (the "
+    _what_to_draw(p.add_argument_group("what to draw"))
+    _how_to_sample(p.add_argument_group("how to sample"))
+    _other_jobs(p.add_argument_group("other pictures and scores"))
+    return p
+
+
+def _what_to_draw(g) -> None:
+    g.add_argument("--checkpoint", help="checkpoint written by main.py, or 'pretrained' (the "
                                         "model that ships with the repo) (default: latest.pt of "
                                         "the newest run in runs/, else pretrained)")
-    p.add_argument("--output", help="PNG path of the picture; with several pictures, the grid's, "
+    g.add_argument("--output", help="PNG path of the picture; with several pictures, the grid's, "
                                     "the others beside it (default: outputs/samples.png, or "
                                     "samples-2.png etc. if taken: nothing is overwritten)")
-    p.add_argument("--num-samples", type=int, metavar="N",
+    g.add_argument("--num-samples", type=int, metavar="N",
                    help=f"images to draw (default: 10 per class asked for, all classes of a "
                         f"conditional checkpoint, 100 without classes; {EVAL_DEFAULT_SAMPLES:,} "
                         f"with --evaluate)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise; image i depends only "
+    g.add_argument("--digit", "--class", dest="digit", nargs="+", metavar="C",
+                   help="draw only these classes (a --conditional checkpoint): 7, a range 0-9, "
+                        "a list 1 4 9, or names such as Sneaker; one row per class (default: "
+                        "every class of a conditional checkpoint, random images otherwise)")
+    g.add_argument("--guidance", type=float, nargs="+", metavar="W", help=GUIDANCE_HELP)
+    g.add_argument("--seed", type=int, default=0, help="seed of the noise; image i depends only "
                                                         "on (seed, i) and its class (default: 0)")
-    p.add_argument("--batch-size", type=int, default=500, metavar="N",
-                   help="images per network call; changes speed, not the images (default: 500)")
-    p.add_argument("--steps", type=int, metavar="N",
+    g.add_argument("--save-npz", metavar="PATH",
+                   help="also save the images as uint8 (N, H, W) (colour: (N, H, W, 3)) under key "
+                        "'samples' (and, for a conditional checkpoint, the class each was drawn "
+                        "for under 'labels'); an existing file is replaced whole, and said so")
+    g.add_argument("--show", action="store_true", help="open the grid in a window afterwards")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _how_to_sample(g) -> None:
+    g.add_argument("--steps", type=int, metavar="N",
                    help="network evaluations per image (default: the checkpoint's setting; "
                         "ddpm always takes all timesteps)")
-    add_config_arguments(p, names={"SAMPLER", "ETA", "SPACING", "DEVICE", "PRECISION", "DATA_DIR",
+    g.add_argument("--batch-size", type=int, default=500, metavar="N",
+                   help="images per network call; changes speed, not the images (default: 500)")
+    g.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="guidance rescaling of Lin et al. 2023 (0 = off, 0.7 in their paper); "
+                        "see the guidance sweep in docs/ before using it (default: 0)")
+    g.add_argument("--raw-weights", action="store_true",
+                   help="sample with the raw weights instead of their EMA (for comparison)")
+    add_config_arguments(g, names={"SAMPLER", "ETA", "SPACING", "DEVICE", "PRECISION", "DATA_DIR",
                                    "DOWNLOAD", "OUTPUT_DIR", "THREADS"},
                          default_note={**{name: "the checkpoint's setting"
                                           for name in ("SAMPLER", "ETA", "SPACING")},
@@ -113,49 +140,35 @@ def build_parser() -> OneLineArgumentParser:
                              "OUTPUT_DIR": "where --evaluate writes its JSON",
                              "DATA_DIR": "where the checkpoint's dataset is (test images, "
                                          "evaluation)"})
-    p.add_argument("--digit", "--class", dest="digit", nargs="+", metavar="C",
-                   help="draw only these classes (a --conditional checkpoint): 7, a range 0-9, "
-                        "a list 1 4 9, or names such as Sneaker; one row per class (default: "
-                        "every class of a conditional checkpoint, random images otherwise)")
-    p.add_argument("--guidance", type=float, nargs="+", metavar="W", help=GUIDANCE_HELP)
-    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
-                   help="guidance rescaling of Lin et al. 2023 (0 = off, 0.7 in their paper); "
-                        "see the guidance sweep in docs/ before using it (default: 0)")
-    p.add_argument("--raw-weights", action="store_true",
-                   help="sample with the raw weights instead of their EMA (for comparison)")
-    p.add_argument("--save-npz", metavar="PATH",
-                   help="also save the images as uint8 (N, H, W) (colour: (N, H, W, 3)) under key "
-                        "'samples' (and, for a conditional checkpoint, the class each was drawn "
-                        "for under 'labels'); an existing file is replaced whole, and said so")
-    p.add_argument("--evaluate", action="store_true",
+
+
+def _other_jobs(g) -> None:
+    g.add_argument("--evaluate", action="store_true",
                    help="score the samples (FID, coverage, confidence; for a conditional "
                         "checkpoint as many of each class and the share classified as the class "
                         "asked for) against the dataset's test set; JSON goes to --output-dir")
-    p.add_argument("--evaluate-npz", metavar="PATH",
+    g.add_argument("--evaluate-npz", metavar="PATH",
                    help="score an existing .npz of images (key 'samples', uint8 (N, H, W); "
                         "optional 'labels', the classes asked for, adds the conditional "
                         "accuracy) against MNIST, or the --checkpoint's dataset")
-    p.add_argument("--interpolate", action="store_true",
+    g.add_argument("--interpolate", action="store_true",
                    help="decode a spherical path between pairs of noise vectors (a "
                         "conditional checkpoint: row r keeps the r-th --digit, default all)")
-    p.add_argument("--interpolate-real", type=int, nargs=2, metavar=("I", "J"),
+    g.add_argument("--interpolate-real", type=int, nargs=2, metavar=("I", "J"),
                    help="interpolate between test-set images number I and J, inverted to noise "
                         "by DDIM (a conditional checkpoint: with their labels)")
-    p.add_argument("--interpolate-digits", type=str, nargs=2, metavar=("A", "B"),
+    g.add_argument("--interpolate-digits", type=str, nargs=2, metavar=("A", "B"),
                    help="a --conditional checkpoint's class A turning into B at fixed noise "
                         "(the class embedding interpolated), one row per --pairs")
-    p.add_argument("--num-steps", type=int, default=10, metavar="K",
+    g.add_argument("--num-steps", type=int, default=10, metavar="K",
                    help="images along each interpolation (default: 10)")
-    p.add_argument("--pairs", type=int, default=6, help="interpolation rows (default: 6)")
-    p.add_argument("--inversion-steps", type=int, default=100, metavar="N",
+    g.add_argument("--pairs", type=int, default=6, help="interpolation rows (default: 6)")
+    g.add_argument("--inversion-steps", type=int, default=100, metavar="N",
                    help="DDIM steps for inverting real images (default: 100)")
-    p.add_argument("--chain", action="store_true",
+    g.add_argument("--chain", action="store_true",
                    help="picture of the reverse process x_T -> x_0 (PNG grid and animated GIF)")
-    p.add_argument("--forward", action="store_true",
+    g.add_argument("--forward", action="store_true",
                    help="picture of the forward (noising) process on test images")
-    p.add_argument("--show", action="store_true", help="open the grid in a window afterwards")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def check_args(args, parser) -> None:
@@ -243,7 +256,8 @@ def job_samples(ctx: Context) -> list[Path]:
               + (f" at guidance {guidance:g}" if ctx.classes else ""))
         if "grid" in ctx.paths:
             shown, nrow = arrange(images, ctx.classes, per_class=10)
-            written.append(save_images(shown, ctx.paths["grid"], nrow=nrow))
+            written.append(save_grid(shown, nrow, row_labels(ctx.config, ctx.classes),
+                                     ctx.paths["grid"]))
         labels = labels_for(ctx.classes, count)
         if args.save_npz:
             replaced = Path(args.save_npz).exists()

@@ -6,7 +6,7 @@
     python main.py --dataset fashion-mnist      # clothing instead of digits
     python main.py --resume auto                # continue the newest run in ./runs, exactly
     python main.py --benchmark                  # measure speed; writes outputs/benchmark.json
-    torchrun --nproc_per_node 4 main.py         # the same run on 4 GPUs (docs/reference.md)
+    torchrun --nproc_per_node 4 main.py         # the same run on 4 GPUs (docs/training.md)
 
 Every setting of config.Config is a flag (python main.py --help lists them, grouped). From
 Python: `from main import train_model` (training/run.py).

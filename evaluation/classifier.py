@@ -187,7 +187,7 @@ def load_shipped(dataset_name: str = "mnist", device="cpu", path=None,
     """The shipped classifier of a dataset, after checking the file's SHA-256. Returns
     (model, info); info has 'test_accuracy', 'seed', 'epochs', 'train_size', 'sha256' and
     'path'. Raises ClassifierError (one line, saying how to restore or retrain) otherwise."""
-    shipped = SHIPPED[dataset_name]
+    shipped = SHIPPED.get(dataset_name)
     path = Path(path or WEIGHTS_DIR / shipped.file)
     sha256 = sha256 or shipped.sha256
     fix = (f"restore it with `git checkout -- evaluation/weights/`, or train new weights with "
@@ -251,7 +251,8 @@ def retrain(dataset: Dataset, path=None, progress: bool = True, log=print) -> di
     """Train a shipped classifier again and write it (default: its shipped file). Returns
     its info with the new file's 'sha256'; RuntimeError below the dataset's minimum."""
     shipped = SHIPPED.get(dataset.name)
-    path = Path(path or WEIGHTS_DIR / (shipped.file if shipped else f"{dataset.name}_classifier.pt"))
+    path = Path(path or WEIGHTS_DIR / (shipped.file if shipped else
+                                       f"{dataset.name.replace('-', '_')}_classifier.pt"))
     model, info = train_for(dataset, progress, log)
     minimum = shipped.min_accuracy if shipped else 0.0
     if info["test_accuracy"] < minimum:
@@ -261,13 +262,14 @@ def retrain(dataset: Dataset, path=None, progress: bool = True, log=print) -> di
     return save_classifier(model, info, path)
 
 
-def cached_path(dataset: Dataset, cache_dir=CACHE_DIR, train_size: int | None = None,
+def cached_path(dataset: Dataset, cache_dir=None, train_size: int | None = None,
                 epochs: int = RECIPE["epochs"]) -> Path:
+    cache_dir = cache_dir or CACHE_DIR
     suffix = "" if train_size is None and epochs == RECIPE["epochs"] else f"_n{train_size}_e{epochs}"
     return Path(cache_dir) / f"{dataset.name}-{dataset.fingerprint[:16]}{suffix}.pt"
 
 
-def load_or_train(dataset: Dataset, cache_dir=CACHE_DIR, progress: bool = True, log=print,
+def load_or_train(dataset: Dataset, cache_dir=None, progress: bool = True, log=print,
                   train_size: int | None = None, epochs: int = RECIPE["epochs"]
                   ) -> tuple[Classifier, dict]:
     """A classifier for `dataset` trained on first use and cached, keyed by the content's

@@ -177,9 +177,9 @@ class Evaluator:
             if len(labels) != len(images):
                 raise ValueError(f"{len(labels)} labels for {len(images)} images")
             result.update(conditional_accuracy(probs, labels))
-        if precision_recall_k:
-            result.update(precision_recall(self.test_features[:len(images)], features,
-                                           precision_recall_k))
+        real = self.test_features[:len(images)]
+        if precision_recall_k and min(len(real), len(features)) > precision_recall_k:
+            result.update(precision_recall(real, features, precision_recall_k))
         if memorisation:
             n = min(len(images), self.memorisation_count)
             result["nn_train_distance"] = float(

@@ -20,7 +20,7 @@ from models.diffusion import DiffusionModel
 from models.interpolation import class_weights, interpolation_path, invert
 from sampling import pretrained
 from sampling.settings import (SamplingSettings, arrange, choose_classes, class_index,
-                               labels_for, resolve)
+                               labels_for, resolve, row_labels)
 from utils import distributed as dist
 from utils.data_loader import normalize_images
 from utils.datasets import open_dataset
@@ -89,6 +89,13 @@ def draw(model: DiffusionModel, count: int, settings: SamplingSettings,
     return dist.gather_to_rank0(images.cpu())
 
 
+def save_grid(images: torch.Tensor, nrow: int, names: list[str] | None, path):
+    """A grid of `arrange`d images; rows named when the classes are not digits."""
+    if names:
+        return save_labelled_grid(images, path, nrow, [""] * nrow, row_labels=names)
+    return save_images(images, path, nrow=nrow)
+
+
 def _show(images: torch.Tensor, nrow: int, title: str) -> None:
     if display_available():
         plot_images(images, title, nrow=nrow, show=True)
@@ -118,7 +125,7 @@ def generate_images(model, num_samples: int, device=None, save_path=None,
         return None
     shown, nrow = arrange(images, classes)
     if save_path is not None:
-        save_images(shown, save_path, nrow=nrow)
+        save_grid(shown, nrow, row_labels(model.config, classes), save_path)
     if show_images:
         _show(shown, nrow, f"{num_samples} samples")
     return images

@@ -162,6 +162,14 @@ def arrange(images: torch.Tensor, classes: list[int] | None,
     return rows.flatten(0, 1), rows.shape[1]
 
 
+def row_labels(config: Config, classes: list[int] | None) -> list[str] | None:
+    """Names beside the rows of a picture drawn by `arrange`: the class names, unless they
+    are the digits 0-9 themselves (or there are no classes, or one)."""
+    if not classes or len(classes) < 2 or all(n.isdigit() for n in config.class_names):
+        return None
+    return [config.class_names[c] for c in classes]
+
+
 def format_classes(config: Config, classes: list[int]) -> str:
     """'0-9' for all of a dataset's classes in order, else their names."""
     if classes == list(range(config.num_classes)):

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default="", help="where the dataset is (default: the "
                                                        "repo's data/ folder)")
     parser.add_argument("--retrain", action="store_true",
-                        help="train the classifier again (CPU, ~3 minutes on 2 cores) and write "
+                        help="train the classifier again (CPU, a few minutes on 2 cores) and write "
                              "it to --weights; prints the SHA-256 to record in SHIPPED")
     parser.add_argument("--calibrate", action="store_true",
                         help="also print the FID of real, blurred and noise images (1,000 and "
@@ -43,8 +43,7 @@ def run(args) -> int:
         print(f"wrote {info['path']}\n  test accuracy {100 * info['test_accuracy']:.2f}%\n"
               f"  SHA-256 {info['sha256']}\n"
               f"record it in evaluation/classifier.py: SHIPPED[{dataset.name!r}]")
-        model, info = load_shipped(dataset.name, "cpu", info["path"], info["sha256"]) \
-            if dataset.name in SHIPPED else classifier_for(dataset, progress)
+        model, info = load_shipped(dataset.name, "cpu", info["path"], info["sha256"])
     elif dataset.name in SHIPPED:
         model, info = load_shipped(dataset.name, "cpu", args.weights)
         print(f"{info['path']}: SHA-256 {info['sha256']} (matches the recorded hash)")

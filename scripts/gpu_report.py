@@ -5,7 +5,7 @@ and the next stage still runs; every result is written to DIR/report.json and
 DIR/report.md the moment it exists, so a run killed half-way keeps what it finished:
 
   cuda_tests       pytest tests/test_cuda.py (its log: DIR/pytest_cuda.log)
-  benchmark        training speed of the default model at batch 128 (utils/benchmark.py):
+  benchmark        training speed of the default model at batch 128 (training/benchmark.py):
                    eager, --channels-last, --compile; then the fastest at batch 512 and
                    2048 ('batch_sweep', run second to last: a short budget gives it up)
   time_to_quality  the default model with the fastest correct settings: FID and confident

@@ -7,7 +7,7 @@ The trainer reports each event once, to every logger of the run (rank 0 only):
                                     quartile, learning rate, EMA decay, gradient norm,
                                     images/s, non-finite steps skipped
     evaluation(step, record)        FID and the rest, beside their floors (--eval-every)
-    images(step, name, images, nrow)  a grid of samples (and the guidance strip)
+    images(step, name, images, nrow, row_labels)  a grid of samples, rows named if given
     history(losses, evaluations)    at every checkpoint: the whole record so far
     finish(summary)                 the final metrics
     close()
@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torchvision.utils import make_grid
 
 from config import Config
 from utils.files import atomic_write, save_json
-from utils.visualization import plot_loss, plot_training_curves, save_images
+from utils.visualization import (plot_loss, plot_training_curves, save_images,
+                                 save_labelled_grid)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class RunLogger:
     def start(self, run: RunInfo) -> None: ...
     def scalars(self, step: int, values: dict[str, float]) -> None: ...
     def evaluation(self, step: int, record: dict) -> None: ...
-    def images(self, step: int, name: str, images: torch.Tensor, nrow: int) -> Path | None: ...
+    def images(self, step: int, name: str, images: torch.Tensor, nrow: int,
+               row_labels: list[str] | None = None) -> Path | None: ...
     def history(self, losses: list[float], evaluations: list[dict]) -> None: ...
     def finish(self, summary: dict) -> None: ...
     def close(self) -> None: ...
@@ -71,8 +74,12 @@ class FilesLogger(RunLogger):
                  + (f", {100 * accuracy:.1f}% the class asked for (guidance "
                     f"{record['guidance']:g})" if accuracy is not None else ""))
 
-    def images(self, step: int, name: str, images: torch.Tensor, nrow: int) -> Path:
-        return save_images(images, self.run.output_dir / f"{name}.png", nrow=nrow)
+    def images(self, step: int, name: str, images: torch.Tensor, nrow: int,
+               row_labels: list[str] | None = None) -> Path:
+        path = self.run.output_dir / f"{name}.png"
+        if row_labels:
+            return save_labelled_grid(images, path, nrow, [""] * nrow, row_labels=row_labels)
+        return save_images(images, path, nrow=nrow)
 
     def history(self, losses: list[float], evaluations: list[dict]) -> None:
         out, per_epoch, config = self.run.output_dir, self.run.steps_per_epoch, self.run.config
@@ -100,13 +107,16 @@ class TensorBoardLogger(RunLogger):
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.writer = None
+        self._last_image: dict[str, int] = {}
 
     def start(self, run: RunInfo) -> None:
+        # imported here, not at the top: the package is optional and takes a second to load
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: a resumed run drops what a killed process logged past its checkpoint,
-        # so that no step appears twice
-        self.writer = SummaryWriter(str(self.folder), purge_step=run.start_step or None)
+        # purge_step: a resumed run drops what a killed process logged past its checkpoint
+        # (steps after start_step), so that no step appears twice
+        self.writer = SummaryWriter(str(self.folder),
+                                    purge_step=run.start_step + 1 if run.start_step else None)
         self.config = run.config
         if not run.start_step:
             self.writer.add_text("config", _config_table(run.config), 0)
@@ -125,12 +135,14 @@ class TensorBoardLogger(RunLogger):
             if floor is not None:
                 self.writer.add_scalar(f"eval/{key}_floor", floor, step)
 
-    def images(self, step: int, name: str, images: torch.Tensor, nrow: int) -> None:
-        from torchvision.utils import make_grid
-
+    def images(self, step: int, name: str, images: torch.Tensor, nrow: int,
+               row_labels: list[str] | None = None) -> None:
+        tag = "samples" if name.startswith("samples") else name
+        if self._last_image.get(tag) == step:  # the final grid of an epoch's last step
+            return
+        self._last_image[tag] = step
         grid = make_grid(((images.float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=2,
                          pad_value=0.35)
-        tag = "samples" if name.startswith("samples") else name
         self.writer.add_image(tag, grid, step)
 
     def finish(self, summary: dict) -> None:

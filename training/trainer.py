@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from config import RUN_CONTROL, Config, ConfigError, config_for_resume
 from evaluation.metrics import Evaluator
 from models.diffusion import DiffusionModel
-from sampling.settings import arrange, for_training, labels_for, resolve_precision
+from sampling.settings import arrange, for_training, labels_for, resolve_precision, row_labels
 from training.logging import RunInfo, RunLogger, make_loggers
 from training.schedules import EmaSchedule, base_lr, lr_at
 from utils import checkpoint as ckpt
@@ -40,6 +40,7 @@ from utils.data_loader import DataLoaderBatcher, InMemoryBatcher
 from utils.datasets import Dataset, open_dataset
 from utils.errors import DataError, Interrupted, ResourceError, first_line
 from utils.files import remove_stale_temporaries, save_json
+from utils.runs import with_run_folders
 from utils.seeding import capture_rng_state, restore_rng_state, seed_everything
 
 EVAL_SEED = 2024  # the fixed noise of every in-training evaluation
@@ -81,8 +82,6 @@ class Trainer:
                  progress: bool = True, evaluator=None, clock=time.perf_counter,
                  loggers: list[RunLogger] | None = None):
         if not (config.CHECKPOINT_DIR and config.OUTPUT_DIR):
-            from utils.runs import with_run_folders
-
             config = with_run_folders(config)
         self.log = log if dist.is_main() else (lambda *args: None)  # the others print only errors
         self.progress = progress and dist.is_main()
@@ -569,11 +568,14 @@ class Trainer:
         cfg = self._config
         classes = list(range(cfg.num_classes)) or None
         count = -(-cfg.NUM_SAMPLES // len(classes)) * len(classes) if classes else cfg.NUM_SAMPLES
-        images = self.ema.sample((count, *self.ema.image_shape), seed=cfg.SEED,
-                                 labels=labels_for(classes, count, device=self.device),
-                                 **for_training(cfg).sample_kwargs())
-        shown, nrow = arrange(images, classes)
-        paths = [logger.images(self.step, name, shown, nrow) for logger in self.loggers]
+        if getattr(self, "_grid", (None,))[0] != self.step:  # the same weights: the same grid
+            self._grid = (self.step, self.ema.sample(
+                (count, *self.ema.image_shape), seed=cfg.SEED,
+                labels=labels_for(classes, count, device=self.device),
+                **for_training(cfg).sample_kwargs()))
+        shown, nrow = arrange(self._grid[1], classes)
+        names = row_labels(cfg, classes)
+        paths = [logger.images(self.step, name, shown, nrow, names) for logger in self.loggers]
         return next((p for p in paths if p is not None), None)
 
     def write_history(self):

@@ -9,6 +9,8 @@ and in memory, float in [-1, 1] in the model.
 from __future__ import annotations
 
 import torch
+from PIL import Image
+from torchvision import transforms
 
 from utils.datasets import Dataset, open_dataset  # noqa: F401  (the one way in)
 
@@ -82,8 +84,6 @@ class _PerImage(torch.utils.data.Dataset):
     """uint8 (N, C, H, W) images through torchvision's per-image PIL transforms."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        from torchvision import transforms
-
         self.images, self.labels = images, labels
         channels = images.shape[1]
         self.transform = transforms.Compose([transforms.ToTensor(),
@@ -94,8 +94,6 @@ class _PerImage(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         array = self.images[i].permute(1, 2, 0).numpy()
         picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
         return self.transform(picture), self.labels[i]

@@ -7,7 +7,7 @@ group (NCCL on CUDA, one GPU per process; gloo on the CPU). A plain `python main
 has no WORLD_SIZE, and every function here then answers for a single process without
 touching torch.distributed, so it pays nothing.
 
-The division of labour (see README, "More than one GPU"):
+The division of labour (see docs/training.md, "More than one GPU"):
 - every rank draws the same global batch, timesteps and noise and keeps its slice
   (`local_slice`), so the mathematics does not depend on the number of processes;
 - rank 0 alone writes files and shows progress; the others print only errors;

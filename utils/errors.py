@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -75,8 +77,6 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's 'can't allocate memory'."""
-    import torch
-
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     if isinstance(error, (oom, MemoryError)):
         return True

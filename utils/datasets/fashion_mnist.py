@@ -6,6 +6,8 @@ otherwise downloaded by torchvision when a network is there.
 """
 from __future__ import annotations
 
+import torchvision
+
 from utils.datasets import idx
 from utils.datasets.base import Dataset
 from utils.datasets.mnist import locate
@@ -28,8 +30,6 @@ FAMILY = idx.IdxFamily(
 
 
 def open_dataset(data_dir=None, download: bool = True, **_) -> Dataset:
-    import torchvision
-
     folder = locate(data_dir, "FashionMNIST", FAMILY, download, torchvision.datasets.FashionMNIST,
                     extra=(DEBIAN,), hint=f"offline: `apt install dataset-fashion-mnist` "
                                           f"(files in {DEBIAN}) or --data-dir FOLDER")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from utils.datasets.base import DataDamagedError, DataNotFoundError, Dataset
 from utils.errors import UsageError
@@ -77,8 +78,6 @@ def scan(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]
 
 def read_image(path: Path, channels: int, size: int) -> np.ndarray:
     """One image file -> uint8 (C, size, size): centre-cropped square, resized."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             image = image.convert("L" if channels == 1 else "RGB")
@@ -93,6 +92,19 @@ def read_image(path: Path, channels: int, size: int) -> np.ndarray:
                                f"({type(error).__name__}: {str(error)[:80]}); delete or replace "
                                f"it") from None
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def check_readable(files: dict) -> None:
+    """Open every image's header now (cheap), so that a file that is not a picture stops
+    the run before training, whichever split it falls in."""
+    for entries in files.values():
+        for path, _ in entries:
+            try:
+                with Image.open(path):
+                    pass
+            except (UnidentifiedImageError, OSError) as error:
+                raise DataDamagedError(f"image {path} cannot be read ({type(error).__name__}); "
+                                       f"delete or replace it") from None
 
 
 def fingerprint(files: dict, channels: int, size: int) -> str:
@@ -114,6 +126,7 @@ def open_dataset(data_dir=None, download: bool = True, channels: int = 1, image_
     if channels not in (1, 3):
         raise UsageError(f"--channels must be 1 (greyscale) or 3 (colour), got {channels}")
     names, files = scan(root)
+    check_readable(files)
 
     def load(split: str):
         entries = files[split]

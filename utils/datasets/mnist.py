@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import torchvision
+
 from utils.datasets import idx
 from utils.datasets.base import DEFAULT_DATA_DIR, Dataset
 
@@ -55,8 +57,6 @@ def locate(data_dir, subfolder: str, family: idx.IdxFamily, download: bool, down
 
 
 def open_dataset(data_dir=None, download: bool = True, **_) -> Dataset:
-    import torchvision
-
     folder = locate(data_dir, "MNIST", FAMILY, download, torchvision.datasets.MNIST)
     idx.verify_all(folder, FAMILY)
     return Dataset(NAME, FAMILY.title, CLASS_NAMES, 1, 28, folder,
