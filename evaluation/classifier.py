@@ -55,6 +55,10 @@ class Shipped:
 SHIPPED = {
     "mnist": Shipped("mnist_classifier.pt",
                      "7e789769d4550f38b11abc7855ea79d340cb1bfd8e33614ae057db2a0a58cae8", 0.99),
+    # 89.62% on the test split (3 epochs, seed 0, 2 threads; 909 s on a busy 2-core CPU)
+    "fashion-mnist": Shipped("fashion_mnist_classifier.pt",
+                             "7d0c4d2c38219ba2d191afb1d78b5cf7888d2c4dfcc867676177c9b07c7aa1cb",
+                             0.88),
 }
 
 

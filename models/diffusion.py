@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from config import Config, ConfigError
 from models import samplers
 from models.unet import UNet
+from utils import allocator
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.noise_scheduler import NoiseScheduler
 from utils.seeding import PerSampleNoise
@@ -227,6 +228,7 @@ class DiffusionModel(nn.Module):
         labels (conditional models): the class of each image (see `denoiser`), sampled
         with classifier-free guidance of scale `guidance`; None draws unconditionally.
         """
+        allocator.tune()  # big temporaries at every step: keep them off mmap (utils/allocator.py)
         device = self.scheduler.betas.device if device is None else torch.device(device)
         indices = range(first_index, first_index + shape[0])
         noise = PerSampleNoise(seed, indices, tuple(shape[1:]), device)

@@ -34,6 +34,7 @@ from models.diffusion import DiffusionModel
 from sampling.settings import arrange, for_training, labels_for, resolve_precision, row_labels
 from training.logging import RunInfo, RunLogger, make_loggers
 from training.schedules import EmaSchedule, base_lr, lr_at
+from utils import allocator
 from utils import checkpoint as ckpt
 from utils import distributed as dist
 from utils.data_loader import DataLoaderBatcher, InMemoryBatcher
@@ -92,6 +93,7 @@ class Trainer:
         self._config = config
         self._ema_decay = EmaSchedule(config)
 
+        allocator.tune()  # big temporaries at every step: keep them off mmap (utils/allocator.py)
         self.device = torch.device(dist.local_device(config.DEVICE))
         if config.THREADS:
             torch.set_num_threads(config.THREADS)
