@@ -11,6 +11,8 @@
     python generate.py --checkpoint ckpt.pt --chain                     # the reverse process
     python generate.py --checkpoint cond.pt --digit 0-9 --guidance 0 1 2 4 8   # guidance strip
     python generate.py --checkpoint cond.pt --interpolate-digits 3 8    # a 3 turning into an 8
+    python generate.py --inpaint --mask top centre                      # complete hidden parts
+    python generate.py --edit --digit 8 --strength 0.3 0.5 0.7          # SDEdit: redraw as 8s
 
 Pictures go to outputs/ under names that are never reused (samples.png, samples-2.png, ...)
 unless --output names the file. Each job is one function of sampling/ that a notebook can
@@ -35,13 +37,16 @@ from config import (Config, ConfigError, OneLineArgumentParser, add_config_argum
 from evaluation.metrics import Evaluator, format_report
 from evaluation.npz import load_samples, write_samples
 from sampling import pretrained
-from sampling.api import (chain, draw, forward_process, generate_class_interpolation,
-                          generate_images, generate_interpolation, guidance_strip,
-                          interpolate_real, load_model, save_grid, settings_for, test_images)
+from evaluation.classifier import predict
+from sampling.api import (chain, draw, edit_images, forward_process,
+                          generate_class_interpolation, generate_images, generate_interpolation,
+                          guidance_strip, inpaint_images, interpolate_real, load_model,
+                          save_grid, settings_for, test_images, test_set)
+from sampling.editing import MASKS, load_mask, make_mask
 from sampling.settings import (arrange, choose_classes, default_count, format_classes, labels_for,
                                row_labels)
 from utils import distributed as dist
-from utils.data_loader import to_uint8
+from utils.data_loader import normalize_images, to_uint8
 from utils.datasets import open_dataset
 from utils.errors import report_errors
 from utils.files import save_json, unused
@@ -169,10 +174,38 @@ def _other_jobs(g) -> None:
                    help="picture of the reverse process x_T -> x_0 (PNG grid and animated GIF)")
     g.add_argument("--forward", action="store_true",
                    help="picture of the forward (noising) process on test images")
+    _editing(g)
+
+
+def _editing(g) -> None:
+    g.add_argument("--inpaint", action="store_true",
+                   help="complete test images where --mask hides them (RePaint: known pixels "
+                        "kept exactly); a conditional checkpoint completes from the known "
+                        "pixels alone, or toward --digit")
+    g.add_argument("--mask", nargs="+", default=["top"], metavar="M",
+                   help=f"what --inpaint hides: {', '.join(MASKS)}, or a PNG of the image's "
+                        f"size (white = known); several: one picture (and score) each "
+                        f"(default: top)")
+    g.add_argument("--resample", type=int, default=4, metavar="R",
+                   help="RePaint's passes per step: more is slower and more coherent; 1 is the "
+                        "plain replacement method (default: 4)")
+    g.add_argument("--completions", type=int, default=4, metavar="K",
+                   help="completions of each image in the --inpaint picture (default: 4)")
+    g.add_argument("--edit", action="store_true",
+                   help="SDEdit: noise test images to each --strength and denoise them "
+                        "toward --digit (a conditional checkpoint; default: each image's own "
+                        "class)")
+    g.add_argument("--strength", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
+                   metavar="S", help="how much of each input --edit gives up: 0 keeps it, 1 "
+                                     "ignores it (default: 0.25 0.5 0.75 1)")
+    g.add_argument("--inputs", type=int, default=8, metavar="N",
+                   help="test images --inpaint and --edit work on: the first N (default: 8; "
+                        "with --evaluate, the share of them read as the right class)")
 
 
 def check_args(args, parser) -> None:
-    for name in ("num_samples", "batch_size", "steps", "num_steps", "pairs", "inversion_steps"):
+    for name in ("num_samples", "batch_size", "steps", "num_steps", "pairs", "inversion_steps",
+                 "resample", "completions", "inputs"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -200,6 +233,10 @@ def check_args(args, parser) -> None:
         parser.error(f"--guidance-rescale must lie in [0, 1], got {args.guidance_rescale:g}")
     if args.save_npz and len(args.guidance or ()) > 1:
         parser.error("--save-npz takes one --guidance value")
+    for s in args.strength:
+        if not 0 <= s <= 1:
+            parser.error(f"--strength must lie in [0, 1] (0 keeps the input, 1 ignores it), "
+                         f"got {s:g}")
 
 
 # ----- the jobs -----
@@ -214,6 +251,7 @@ class Context:
     progress: bool
     paths: dict = field(default_factory=dict)
     evaluator_factory: Callable | None = None
+    results: dict = field(default_factory=dict)  # scores of the editing jobs, for the JSON
 
     @functools.cached_property
     def config(self) -> Config:
@@ -364,6 +402,106 @@ def job_forward(ctx: Context) -> list[Path]:
     return [ctx.paths["forward"]]
 
 
+def job_inpaint(ctx: Context) -> list[Path]:
+    """--inpaint: one picture per --mask; with --evaluate, the share of completions read
+    as the original class, RePaint beside the plain replacement method."""
+    args, written = ctx.args, []
+    images, labels = first_test_images(ctx)
+    steps = args.steps or ctx.config.SAMPLING_STEPS
+    side = ctx.config.IMAGE_SIZE
+    for name in args.mask:
+        mask = load_mask(name, side) if name.lower().endswith(".png") else \
+            make_mask(name, len(images), side, args.seed)
+        path = ctx.paths["inpaint"] if len(args.mask) == 1 else ctx.paths["inpaint"].with_name(
+            f"{ctx.paths['inpaint'].stem}_{Path(name).stem}.png")
+        print(f"inpainting {len(images)} test images, mask {name}: RePaint, {steps} steps x "
+              f"{args.resample} passes"
+              + (f", toward {format_classes(ctx.config, ctx.classes)}" if args.digit else
+                 ", from the known pixels alone" if ctx.config.CONDITIONAL else ""))
+        shown = min(len(images), 8) if args.evaluate else len(images)
+        inpaint_images(ctx.model, images[:shown], mask[:shown], args.completions, steps,
+                       args.resample, args.digit, ctx.guidances[0], args.seed,
+                       ctx.settings().precision, save_path=path, batch_size=args.batch_size)
+        written.append(path)
+        if args.evaluate:
+            scores = [score_inpainting(ctx, images, labels, mask, steps, r)
+                      for r in dict.fromkeys((args.resample, 1))]
+            print(format_editing(scores, "mask " + Path(name).stem))
+            ctx.results.setdefault("inpaint", []).extend(scores)
+    return written
+
+
+def first_test_images(ctx: Context):
+    """The first --inputs test images and their labels (ConfigError if there are fewer)."""
+    images, labels = test_set(ctx.model, ctx.data_dir, ctx.download)
+    if ctx.args.inputs > len(images):
+        raise ConfigError(f"--inputs {ctx.args.inputs}: the test set has {len(images):,} images")
+    return images[:ctx.args.inputs], labels[:ctx.args.inputs]
+
+
+def score_inpainting(ctx: Context, images, labels, mask, steps: int, resample: int) -> dict:
+    filled = inpaint_images(ctx.model, images, mask, 1, steps, resample, ctx.args.digit,
+                            ctx.guidances[0], ctx.args.seed, ctx.settings().precision,
+                            batch_size=ctx.args.batch_size)[:, 0]
+    target = labels_for(ctx.classes, len(images)) if ctx.args.digit else labels
+    known = mask.expand_as(filled) == 1
+    error = (filled - normalize_images(images))[known].abs().max().item() if known.any() else 0.0
+    return {"method": "RePaint" if resample > 1 else "replacement (no resampling)",
+            "resample": resample, "steps": steps, "inputs": len(images),
+            "right_class": right_class(ctx, filled, target), "known_pixel_error": error}
+
+
+def job_edit(ctx: Context) -> list[Path]:
+    """--edit: SDEdit over --strength; with --evaluate, the share read as the class aimed
+    at and the distance to the input at each strength."""
+    args = ctx.args
+    images, labels = first_test_images(ctx)
+    own = labels if ctx.config.CONDITIONAL and not args.digit else None
+    settings = ctx.settings(ctx.guidances[0])
+    print(f"SDEdit of {len(images)} test images at strength {', '.join(f'{s:g}' for s in args.strength)}"
+          f": {settings.label}, guidance {settings.guidance:g}, toward "
+          + (format_classes(ctx.config, ctx.classes) if args.digit else
+             "each image's own class" if own is not None else "nothing in particular"))
+    options = dict(sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
+                   spacing=settings.spacing, guidance=settings.guidance,
+                   guidance_rescale=settings.guidance_rescale, precision=settings.precision)
+    shown = min(len(images), 8) if args.evaluate else len(images)
+    edit_images(ctx.model, images[:shown], args.strength, args.digit, args.seed,
+                ctx.paths["edit"], args.batch_size, None if own is None else own[:shown],
+                **options)
+    if args.evaluate:
+        edited = edit_images(ctx.model, images, args.strength, args.digit, args.seed,
+                             batch_size=args.batch_size, labels=own, **options)
+        target = labels_for(ctx.classes, len(images)) if args.digit else labels
+        real = normalize_images(images)
+        scores = [{"strength": s, "inputs": len(images),
+                   "right_class": right_class(ctx, edited[:, k], target),
+                   "distance_to_input": ((edited[:, k] - real).abs() / 2).mean().item()}
+                  for k, s in enumerate(args.strength)]
+        print(format_editing(scores, "SDEdit toward " + (format_classes(ctx.config, ctx.classes)
+                                                         if args.digit else "own class")))
+        ctx.results["edit"] = scores
+    return [ctx.paths["edit"]]
+
+
+def right_class(ctx: Context, images, target) -> float:
+    """The share of `images` the evaluation classifier reads as `target`."""
+    _, probs = predict(ctx.evaluator().classifier, images)
+    return float((probs.argmax(1) == target.cpu()).double().mean())
+
+
+def format_editing(scores: list[dict], title: str) -> str:
+    lines = [title]
+    for s in scores:
+        what = (f"  {s['method']} (x{s['resample']})" if "method" in s
+                else f"  strength {s['strength']:g}")
+        lines.append(f"{what:<40} right class {100 * s['right_class']:5.1f}%"
+                     + (f"   known pixels changed by at most {s['known_pixel_error']:.2g}"
+                        if "known_pixel_error" in s else
+                        f"   distance to the input {s['distance_to_input']:.3f}"))
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Job:
     name: str  # also the key of its picture in Context.paths
@@ -383,7 +521,8 @@ def _pictures_only(args) -> bool:
 
 
 JOBS = (
-    Job("grid", "", lambda a: not _pictures_only(a) or a.save_npz or a.evaluate, job_samples,
+    Job("grid", "", lambda a: not _pictures_only(a) or a.save_npz
+        or (a.evaluate and not (a.inpaint or a.edit)), job_samples,
         picture=lambda a: not _strip(a)),  # several guidance scales: a strip instead
     Job("guidance", "_guidance", _strip, job_guidance_strip),
     Job("interpolation", "_interpolation", lambda a: a.interpolate, job_interpolation),
@@ -393,6 +532,8 @@ JOBS = (
         job_interpolation_classes),
     Job("chain", "_chain", lambda a: a.chain, job_chain, gif=True),
     Job("forward", "_forward", lambda a: a.forward, job_forward),
+    Job("inpaint", "_inpaint", lambda a: a.inpaint, job_inpaint),
+    Job("edit", "_edit", lambda a: a.edit, job_edit),
 )
 
 
@@ -516,6 +657,10 @@ def run(args) -> int:
     for job in jobs:
         if dist.is_main() or job.name == "grid":  # only the grid's draw is split
             written += job.run(ctx)
+    if ctx.results:  # the editing jobs' scores, printed above
+        name = f"eval_{Path(str(args.checkpoint)).stem}_editing_n{args.inputs}.json"
+        written.append(save_json({"checkpoint": str(args.checkpoint), "seed": args.seed,
+                                  **ctx.results}, unused(out_dir / name)))
     for path in written:
         print(f"wrote {path}")
     if args.show and written:

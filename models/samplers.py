@@ -25,8 +25,9 @@ Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def timestep_sequence(timesteps: int, steps: int, spacing: str = "time",
-                      scheduler: NoiseScheduler | None = None) -> list[int]:
-    """`steps` distinct timesteps from T-1 down to 0, both ends included.
+                      scheduler: NoiseScheduler | None = None,
+                      start: int | None = None) -> list[int]:
+    """`steps` distinct timesteps from `start` (default T-1) down to 0, both ends included.
 
     The sampler evaluates the network once at each; after the one at t = 0 it steps
     to the clean data. spacing:
@@ -34,22 +35,26 @@ def timestep_sequence(timesteps: int, steps: int, spacing: str = "time",
       'quadratic' t = (T-1) * u^2 for evenly spaced u (DDIM's choice for CIFAR-10);
       'logsnr'    evenly spaced in lambda = log(alpha / sigma), the step size DPM-Solver's
                   error analysis is written in (needs the scheduler).
-    steps == T gives every timestep, T-1 .. 0, whatever the spacing.
+    steps == T gives every timestep, T-1 .. 0, whatever the spacing. A `start` below T-1
+    begins part-way, at a noise level that is not pure noise (SDEdit, editing).
     """
-    if not 1 <= steps <= timesteps:
-        raise ValueError(f"steps must lie in 1 .. {timesteps} (the timesteps), got {steps}")
+    top = timesteps - 1 if start is None else int(start)
+    if not 0 <= top < timesteps:
+        raise ValueError(f"start must lie in 0 .. {timesteps - 1}, got {top}")
+    if not 1 <= steps <= top + 1:
+        raise ValueError(f"steps must lie in 1 .. {top + 1} (the timesteps), got {steps}")
     if steps == 1:
-        return [timesteps - 1]
+        return [top]
     u = torch.linspace(1, 0, steps, dtype=torch.float64)
     if spacing == "time":
-        seq = (u * (timesteps - 1)).round().long().tolist()
+        seq = (u * top).round().long().tolist()
     elif spacing == "quadratic":
-        seq = (u ** 2 * (timesteps - 1)).round().long().tolist()
+        seq = (u ** 2 * top).round().long().tolist()
     elif spacing == "logsnr":
         if scheduler is None:
             raise ValueError("logsnr spacing needs the scheduler")
         lam = 0.5 * torch.log(scheduler.snr.double().cpu())  # decreasing in t
-        targets = lam[-1] + (1 - u) * (lam[0] - lam[-1])
+        targets = lam[top] + (1 - u) * (lam[0] - lam[top])
         seq = [int((lam - target).abs().argmin()) for target in targets]
     else:
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
@@ -59,11 +64,11 @@ def timestep_sequence(timesteps: int, steps: int, spacing: str = "time",
         seq[i] = min(seq[i], seq[i - 1] - 1)
     for i in range(steps - 1, -1, -1):
         seq[i] = max(seq[i], steps - 1 - i)
-    assert seq[0] == timesteps - 1 and seq[-1] == 0 and len(set(seq)) == steps, seq
+    assert seq[0] == top and seq[-1] == 0 and len(set(seq)) == steps, seq
     return seq
 
 
-def _predict(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor, t: int,
+def predict(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor, t: int,
              prediction: str, clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Network output at timestep t for every image of x -> (x0, eps), in float32."""
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -116,7 +121,7 @@ def sample_ddpm(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
     """Ancestral sampling over all T timesteps (DDPM Algorithm 2), from x = x_T."""
     steps = list(range(scheduler.timesteps - 1, -1, -1))
     for i, t in enumerate(tqdm(steps, desc="ddpm", leave=False, disable=not progress)):
-        x0, _ = _predict(denoiser, scheduler, x, t, prediction, clip_x0)
+        x0, _ = predict(denoiser, scheduler, x, t, prediction, clip_x0)
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         x = ddpm_step(scheduler, x, tt, x0, noise(i) if t > 0 else None)
         if callback is not None:
@@ -128,14 +133,15 @@ def sample_ddpm(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
 def sample_ddim(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor, steps: int,
                 eta: float = 0.0, noise: StepNoise | None = None, prediction: str = "eps",
                 clip_x0: bool = True, callback: Callback | None = None,
-                progress: bool = False, spacing: str = "time") -> torch.Tensor:
-    """DDIM over `steps` timesteps (see timestep_sequence), from x = x_T."""
+                progress: bool = False, spacing: str = "time",
+                start: int | None = None) -> torch.Tensor:
+    """DDIM over `steps` timesteps (see timestep_sequence), from x = x_T (or x at `start`)."""
     if eta > 0 and noise is None:
         raise ValueError("DDIM with eta > 0 needs a noise source")
-    seq = timestep_sequence(scheduler.timesteps, steps, spacing, scheduler)
+    seq = timestep_sequence(scheduler.timesteps, steps, spacing, scheduler, start)
     for i, t in enumerate(tqdm(seq, desc="ddim", leave=False, disable=not progress)):
         t_prev = seq[i + 1] if i + 1 < len(seq) else -1
-        x0, eps = _predict(denoiser, scheduler, x, t, prediction, clip_x0)
+        x0, eps = predict(denoiser, scheduler, x, t, prediction, clip_x0)
         x = ddim_step(scheduler, x, t, t_prev, x0, eps, eta,
                       noise(i) if eta > 0 and t_prev >= 0 else None)
         if callback is not None:
@@ -148,8 +154,8 @@ def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Te
                       steps: int, prediction: str = "eps", clip_x0: bool = True,
                       callback: Callback | None = None, progress: bool = False,
                       spacing: str = "logsnr", eta: float = 0.0,
-                      noise: StepNoise | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), from x = x_T.
+                      noise: StepNoise | None = None, start: int | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), from x = x_T (or x at `start`).
 
     In lambda = log(alpha / sigma), with alpha = sqrt(abar), sigma = sqrt(1 - abar):
         h_i = lambda_{i} - lambda_{i-1},  r_i = h_{i-1} / h_i,
@@ -167,7 +173,7 @@ def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Te
     """
     if eta > 0 and noise is None:
         raise ValueError("DPM-Solver++ with eta > 0 needs a noise source")
-    seq = timestep_sequence(scheduler.timesteps, steps, spacing, scheduler)
+    seq = timestep_sequence(scheduler.timesteps, steps, spacing, scheduler, start)
     b = x.shape[0]
     shape = (b,) + (1,) * (x.dim() - 1)
 
@@ -179,7 +185,7 @@ def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Te
 
     x0_prev, h_prev = None, None
     for i, t in enumerate(tqdm(seq, desc="dpm-solver", leave=False, disable=not progress)):
-        x0, _ = _predict(denoiser, scheduler, x, t, prediction, clip_x0)
+        x0, _ = predict(denoiser, scheduler, x, t, prediction, clip_x0)
         if i + 1 == len(seq):
             x = x0
         else:
@@ -217,7 +223,7 @@ def ddim_invert(denoiser: Denoiser, scheduler: NoiseScheduler, x0: torch.Tensor,
     x = x0  # the clean image stands in for the level t = 0 at the first step
     pairs = list(zip(seq[:-1], seq[1:]))
     for t, t_next in tqdm(pairs, desc="ddim inversion", leave=False, disable=not progress):
-        x0_hat, eps = _predict(denoiser, scheduler, x, t, prediction, clip_x0=False)
+        x0_hat, eps = predict(denoiser, scheduler, x, t, prediction, clip_x0=False)
         x = ddim_step(scheduler, x, t, t_next, x0_hat, eps, eta=0.0, noise=None)
     return x
 
@@ -226,19 +232,23 @@ def sample(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
            sampler: Literal["ddpm", "ddim", "dpm-solver"] = "dpm-solver", steps: int | None = None,
            eta: float = 0.0, noise: StepNoise | None = None, prediction: str = "eps",
            clip_x0: bool = True, callback: Callback | None = None,
-           progress: bool = False, spacing: str | None = None) -> torch.Tensor:
+           progress: bool = False, spacing: str | None = None,
+           start: int | None = None) -> torch.Tensor:
     """Dispatch to a sampler by name. steps=None means every timestep; spacing=None
-    takes the sampler's default (time for ddim, logsnr for dpm-solver)."""
+    takes the sampler's default (time for ddim, logsnr for dpm-solver). `start`: x is at
+    that timestep rather than at T-1 (ddim and dpm-solver)."""
     steps = scheduler.timesteps if steps is None else steps
     if sampler == "ddpm":
+        if start is not None:
+            raise ValueError("the ddpm sampler starts from pure noise; use ddim with eta 1")
         if steps != scheduler.timesteps:
             raise ValueError(f"the ddpm sampler takes all {scheduler.timesteps} steps; for "
                              f"fewer, use ddim with eta 1 (the same sampler, respaced)")
         return sample_ddpm(denoiser, scheduler, x, noise, prediction, clip_x0, callback, progress)
     if sampler == "ddim":
         return sample_ddim(denoiser, scheduler, x, steps, eta, noise, prediction, clip_x0,
-                           callback, progress, spacing or "time")
+                           callback, progress, spacing or "time", start)
     if sampler == "dpm-solver":
         return sample_dpm_solver(denoiser, scheduler, x, steps, prediction, clip_x0, callback,
-                                 progress, spacing or "logsnr", eta, noise)
+                                 progress, spacing or "logsnr", eta, noise, start)
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")

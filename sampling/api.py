@@ -19,6 +19,7 @@ from config import ConfigError
 from models.diffusion import DiffusionModel
 from models.interpolation import class_weights, interpolation_path, invert
 from sampling import pretrained
+from sampling.editing import inpaint, sdedit
 from sampling.settings import (SamplingSettings, arrange, choose_classes, class_index,
                                labels_for, resolve, row_labels)
 from utils import distributed as dist
@@ -272,14 +273,19 @@ def forward_process(model, images: torch.Tensor, save_path=None,
     return visualize_diffusion_process(model, x0, shown, save_path=save_path)
 
 
+def test_set(model, data_dir=None, download: bool = True):
+    """The test split of the model's dataset: (uint8 images (N, C, H, W), labels (N,))."""
+    config = model.config
+    dataset = open_dataset(config.DATASET, data_dir or config.DATA_DIR or None, download,
+                           config.CHANNELS, config.IMAGE_SIZE)
+    return dataset.load("test")
+
+
 def test_images(model, indices, data_dir=None, download: bool = True,
                 what: str = "--interpolate-real"):
     """Real test images (uint8 (N, C, H, W)) and labels of the model's dataset, by index;
     ConfigError names `what` and the valid range."""
-    config = model.config
-    dataset = open_dataset(config.DATASET, data_dir or config.DATA_DIR or None, download,
-                           config.CHANNELS, config.IMAGE_SIZE)
-    images, labels = dataset.load("test")
+    images, labels = test_set(model, data_dir, download)
     for index in indices:
         if not 0 <= index < len(images):
             raise ConfigError(f"{what} {index}: test-set indices run from 0 to {len(images) - 1}")
@@ -294,3 +300,84 @@ def class_of(model, value) -> int:
 __all__ = ["load_model", "generate_images", "generate_interpolation",
            "generate_class_interpolation", "interpolate_real", "guidance_strip", "chain",
            "forward_process", "draw", "settings_for", "test_images", "class_of"]
+
+
+def inpaint_images(model, images: torch.Tensor, mask: torch.Tensor, completions: int = 4,
+                   steps: int = 25, resample: int = 4, digits: list | None = None,
+                   guidance: float | None = None, seed: int = 0, precision: str = "fp32",
+                   save_path=None, batch_size: int = 500) -> torch.Tensor:
+    """`completions` inpaintings of each real image (uint8 (N, C, H, W)) where `mask` is 0
+    (see sampling/editing.py: RePaint with `resample` passes per step; resample 1 is the
+    plain replacement method). A conditional model completes toward digits[i mod k] with
+    guidance (default: the checkpoint's), or, without digits, from the known pixels alone
+    (the "no class" branch). Returns (N, completions, C, H, W) in [-1, 1] on the CPU; the
+    picture has one row per image: the masked input, the completions, the original."""
+    count = len(images)
+    repeated = images.repeat_interleave(completions, dim=0)
+    masks = mask.expand(count, *mask.shape[1:]).repeat_interleave(completions, dim=0) \
+        if mask.shape[0] in (1, count) else mask
+    labels, w = _editing_labels(model, digits, count * completions, guidance, unconditional=True)
+    out = []
+    for start in range(0, len(repeated), batch_size):
+        part = slice(start, start + batch_size)
+        out.append(inpaint(model, repeated[part], masks[part], steps, resample,
+                           None if labels is None else labels[part], w, seed,
+                           first_index=start, precision=precision).cpu())
+    filled = torch.cat(out).reshape(count, completions, *images.shape[1:])
+    if save_path is not None:
+        real = normalize_images(images).float()
+        shown_mask = mask.expand(count, *mask.shape[1:]).float()
+        masked = real * shown_mask  # hidden pixels grey (0 in [-1, 1])
+        rows = torch.cat([masked[:, None], filled, real[:, None]], dim=1)
+        save_images(rows.flatten(0, 1), save_path, nrow=completions + 2)
+    return filled
+
+
+def edit_images(model, images: torch.Tensor, strengths: list[float], digits: list | None = None,
+                seed: int = 0, save_path=None, batch_size: int = 500,
+                labels: torch.Tensor | None = None, **settings) -> torch.Tensor:
+    """SDEdit of real images (uint8 (N, C, H, W)) at each strength in `strengths`: noised
+    to that level and denoised toward digits[i mod k] (a conditional checkpoint) with the
+    checkpoint's sampler and guidance (settings: sampler, steps, eta, spacing, guidance,
+    guidance_rescale, precision override them). Returns (N, len(strengths), C, H, W) in
+    [-1, 1] on the CPU; the picture has one row per image: the input, then one column per
+    strength. labels: each image's own class instead of digits (re-drawn within its class)."""
+    chosen = settings_for(model, **settings)
+    count = len(images)
+    if labels is None:
+        labels, _ = _editing_labels(model, digits, count, chosen.guidance, unconditional=False)
+    else:
+        labels = labels.long().to(model.scheduler.betas.device)
+    columns = []
+    for strength in strengths:
+        parts = [sdedit(model, images[s:s + batch_size], strength, chosen,
+                        None if labels is None else labels[s:s + batch_size], seed,
+                        first_index=s).cpu() for s in range(0, count, batch_size)]
+        columns.append(torch.cat(parts))
+    edited = torch.stack(columns, dim=1)
+    if save_path is not None:
+        real = normalize_images(images).float()
+        rows = torch.cat([real[:, None], edited], dim=1)
+        save_labelled_grid(rows.flatten(0, 1), save_path, len(strengths) + 1,
+                           ["input"] + [f"S={s:g}" for s in strengths],
+                           "SDEdit: noised to strength S, then denoised"
+                           + (f" toward {', '.join(model.config.class_names[d] for d in choose_classes(model.config, digits))}"
+                              if digits else ""))
+    return edited
+
+
+def _editing_labels(model, digits, count: int, guidance, unconditional: bool):
+    """(labels or None, guidance) of an edit: the classes asked for (a conditional
+    checkpoint), or none: for inpainting the "no class" branch (guidance 0), for SDEdit
+    nothing to aim at."""
+    config = model.config
+    if digits:
+        classes = choose_classes(config, digits, "--digit")
+        w = config.GUIDANCE if guidance is None else guidance
+        return labels_for(classes, count, device=model.scheduler.betas.device), w
+    if config.CONDITIONAL and unconditional:
+        return torch.full((count,), model.null_label, device=model.scheduler.betas.device), 0.0
+    return None, 1.0
+
+
+__all__ += ["inpaint_images", "edit_images"]
