@@ -161,9 +161,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
-        """Rebuild a Config from `to_dict` output; keys this version lacks are ignored."""
+        """Rebuild a Config from `to_dict` output; keys this version lacks are ignored.
+        DATA_DIR './data' was the default of earlier versions (the working folder's data/):
+        it reads as '' (the repo's data/), so their checkpoints work from any folder."""
         names = {f.name for f in dataclasses.fields(cls)}
         kept = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+        if kept.get("DATA_DIR") == "./data":
+            kept["DATA_DIR"] = ""
         return cls(**kept)
 
     def validate(self) -> "Config":

@@ -226,3 +226,27 @@ def test_train_model_without_a_config_takes_the_auto_preset(monkeypatch):
         train_model()
     assert seen["config"] == Config.from_preset("auto").replace(CHECKPOINT_DIR="unused",
                                                                 OUTPUT_DIR="unused")
+
+
+def test_digits_before_training_from_the_pretrained_model(capsys, tmp_path, monkeypatch):
+    """No runs yet: generate.py draws from the model that ships with the repo and says so;
+    --checkpoint pretrained names it; its file is checked by its SHA-256."""
+    import generate
+    from sampling import pretrained
+
+    monkeypatch.chdir(tmp_path)
+    assert generate.main(["--num-samples", "10", "--quiet", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "no runs yet: drawing from the pretrained model" in out
+    grid = np.asarray(Image.open(tmp_path / "outputs" / "samples.png"))
+    assert grid.std() > 10  # digits, not a blank picture
+    model = generate.load_model("pretrained", "cpu")
+    assert model.config.CONDITIONAL and model.config.PRESET == "cpu"
+    changed = tmp_path / "changed.pt"
+    data = bytearray(pretrained.WEIGHTS.read_bytes())
+    data[len(data) // 2] ^= 1
+    changed.write_bytes(bytes(data))
+    monkeypatch.setattr(pretrained, "WEIGHTS", changed)
+    line = expect_one_line(capsys, generate.main, ["--checkpoint", "pretrained", "--quiet"])
+    assert "has SHA-256" in line and "not the recorded" in line
+    assert pretrained.WEIGHTS.stat().st_size < 4 * 2 ** 20

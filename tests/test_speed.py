@@ -1,5 +1,5 @@
 """scripts/speed.py: its dry run measures the variants asked for, each checked against
-eager, so the benchmark cannot rot (the real measurement takes minutes: docs/gpu.md)."""
+eager's images, so the benchmark cannot rot (the real measurement takes minutes)."""
 from __future__ import annotations
 
 import json
