@@ -33,10 +33,11 @@ LossWeighting = Literal["none", "min-snr"]
 TimestepSampling = Literal["uniform", "lognormal"]
 LRSchedule = Literal["constant", "linear", "cosine", "wsd"]
 EMARule = Literal["constant", "power"]
-Sampler = Literal["ddpm", "ddim", "dpm-solver"]
+Sampler = Literal["ddpm", "ddim", "dpm-solver", "consistency"]
 Precision = Literal["auto", "fp32", "bf16"]
 Preset = Literal["none", "cpu"]
-Spacing = Literal["auto", "time", "quadratic", "logsnr"]
+Spacing = Literal["auto", "time", "quadratic", "logsnr", "trailing"]
+DistillMethod = Literal["progressive", "consistency"]
 MIN_EVAL_SAMPLES = 10  # fewer cannot estimate a covariance or a k-NN radius (k = 3)
 DatasetName = Literal[DATASETS]
 LogBackend = Literal["files", "tensorboard"]
@@ -120,6 +121,12 @@ class Config:
     ETA: float = 0.0  # sampler noise: 0 = deterministic; 1 = ancestral (ddim), the SDE (dpm-solver)
     SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim
     GUIDANCE: float = 1.0  # classifier-free guidance W: eps_u + W (eps_c - eps_u); 0 = unconditional, 1 = plain conditional (the best FID: docs/evaluation.md)
+
+    # --- distillation ---
+    DISTILL: str = ""  # a trained checkpoint to distil into a student that samples in STUDENT_STEPS steps ('' = train on data)
+    DISTILL_METHOD: DistillMethod = "progressive"  # progressive (Salimans & Ho 2022) or consistency (Song et al. 2023)
+    STUDENT_STEPS: int = 4  # network evaluations per image of the distilled student
+    TEACHER_STEPS: int = 64  # the teacher's deterministic (DDIM) steps the distillation starts from
 
     # --- provenance ---
     PRESET: Preset = "none"  # the preset this run started from (set by --preset; none = the defaults)
@@ -247,6 +254,16 @@ class Config:
         if self.SAMPLING_STEPS > self.TIMESTEPS:
             raise ConfigError(f"--sampling-steps ({self.SAMPLING_STEPS}) cannot exceed "
                               f"--timesteps ({self.TIMESTEPS})")
+        if not 1 <= self.STUDENT_STEPS <= self.TEACHER_STEPS <= self.TIMESTEPS:
+            raise ConfigError(f"--student-steps ({self.STUDENT_STEPS}) and --teacher-steps "
+                              f"({self.TEACHER_STEPS}) need 1 <= student <= teacher <= "
+                              f"--timesteps ({self.TIMESTEPS})")
+        ratio = self.TEACHER_STEPS // self.STUDENT_STEPS
+        if self.DISTILL and self.DISTILL_METHOD == "progressive" and (
+                ratio * self.STUDENT_STEPS != self.TEACHER_STEPS or ratio & (ratio - 1)):
+            raise ConfigError(f"progressive distillation halves the steps each round: "
+                              f"--teacher-steps ({self.TEACHER_STEPS}) must be --student-steps "
+                              f"({self.STUDENT_STEPS}) times a power of 2")
 
     def _check_model(self) -> None:
         """The UNet's shape against the image's, the closed sets, the device."""

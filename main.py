@@ -22,6 +22,7 @@ from pathlib import Path
 from config import (PRESETS, Config, ConfigError, OneLineArgumentParser, add_config_arguments,
                     check_device, check_writable, config_overrides, flag_for)
 from training.benchmark import run_benchmark
+from training.distill import distillation_config
 from training.run import (find_resume_checkpoint, next_step, prepare_folders, resumed_config,
                           train_model)
 from utils import checkpoint as ckpt
@@ -78,6 +79,11 @@ def build_config(args) -> tuple[Config, dict | None]:
             config = resumed_config(path, state, requested)
             print(f"resuming {path} at step {state['step']} (epoch {state['epoch']})")
             return config, state
+    if requested.get("DISTILL"):
+        config = distillation_config(requested["DISTILL"], requested)
+        print(f"distilling {config.DISTILL} ({config.DISTILL_METHOD}) into a student of "
+              f"{config.STUDENT_STEPS} steps")
+        return config, None
     config = Config.from_preset(args.preset, **requested).validate()
     if args.preset == "auto" and config.PRESET == "cpu":
         print("no CUDA device here: using --preset cpu (a 0.26M-parameter model that draws "

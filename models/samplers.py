@@ -1,4 +1,5 @@
-"""Samplers: ancestral DDPM, DDIM (with eta) and DPM-Solver++(2M), plus DDIM inversion.
+"""Samplers: ancestral DDPM, DDIM (with eta), DPM-Solver++(2M) and the consistency
+sampler of distilled students, plus DDIM inversion.
 
 Every sampler reads the schedule from a `NoiseScheduler` and turns network outputs
 into (x0, eps) with `scheduler.split_model_output`; none re-derives a table.
@@ -17,8 +18,8 @@ from tqdm.auto import tqdm
 
 from utils.noise_scheduler import NoiseScheduler
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
-SPACINGS = ("time", "quadratic", "logsnr")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver", "consistency")
+SPACINGS = ("time", "quadratic", "logsnr", "trailing")
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepNoise = Callable[[int], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -34,8 +35,11 @@ def timestep_sequence(timesteps: int, steps: int, spacing: str = "time",
       'time'      evenly spaced in t;
       'quadratic' t = (T-1) * u^2 for evenly spaced u (DDIM's choice for CIFAR-10);
       'logsnr'    evenly spaced in lambda = log(alpha / sigma), the step size DPM-Solver's
-                  error analysis is written in (needs the scheduler).
-    steps == T gives every timestep, T-1 .. 0, whatever the spacing. A `start` below T-1
+                  error analysis is written in (needs the scheduler);
+      'trailing'  t_k = (T-1)(1 - k/steps), k = 0 .. steps-1: the last is (T-1)/steps, not
+                  0, and halving `steps` keeps every other timestep (the grids of
+                  distilled students, training/distill.py; Lin et al. 2024 call it trailing).
+    steps == T gives every timestep, T-1 .. 0, whatever the spacing (but trailing). A `start` below T-1
     begins part-way, at a noise level that is not pure noise (SDEdit, editing).
     """
     top = timesteps - 1 if start is None else int(start)
@@ -45,6 +49,8 @@ def timestep_sequence(timesteps: int, steps: int, spacing: str = "time",
         raise ValueError(f"steps must lie in 1 .. {top + 1} (the timesteps), got {steps}")
     if steps == 1:
         return [top]
+    if spacing == "trailing":
+        return [round((1 - k / steps) * top) for k in range(steps)]
     u = torch.linspace(1, 0, steps, dtype=torch.float64)
     if spacing == "time":
         seq = (u * top).round().long().tolist()
@@ -210,6 +216,27 @@ def sample_dpm_solver(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Te
 
 
 @torch.no_grad()
+def sample_consistency(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
+                       steps: int, noise: StepNoise | None, prediction: str = "v",
+                       clip_x0: bool = True, callback: Callback | None = None,
+                       progress: bool = False) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) for a student whose
+    x0 prediction maps any point of the teacher's trajectory to its end: x0 = f(x_T, T-1);
+    then, at each further timestep t_k of the trailing grid, x = alpha x0 + sigma z and
+    x0 = f(x, t_k). One network evaluation per step; `steps` = 1 is a one-step sampler."""
+    seq = timestep_sequence(scheduler.timesteps, steps, "trailing", scheduler)
+    x0 = x
+    for i, t in enumerate(tqdm(seq, desc="consistency", leave=False, disable=not progress)):
+        if i > 0:
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            x, _ = scheduler.add_noise(x0, tt, noise(i - 1))
+        x0, _ = predict(denoiser, scheduler, x, t, prediction, clip_x0)
+        if callback is not None:
+            callback(i, t, x0, x0)
+    return x0
+
+
+@torch.no_grad()
 def ddim_invert(denoiser: Denoiser, scheduler: NoiseScheduler, x0: torch.Tensor, steps: int,
                 prediction: str = "eps", progress: bool = False,
                 spacing: str = "time") -> torch.Tensor:
@@ -251,4 +278,9 @@ def sample(denoiser: Denoiser, scheduler: NoiseScheduler, x: torch.Tensor,
     if sampler == "dpm-solver":
         return sample_dpm_solver(denoiser, scheduler, x, steps, prediction, clip_x0, callback,
                                  progress, spacing or "logsnr", eta, noise, start)
+    if sampler == "consistency":
+        if start is not None:
+            raise ValueError("the consistency sampler starts from pure noise")
+        return sample_consistency(denoiser, scheduler, x, steps, noise, prediction, clip_x0,
+                                  callback, progress)
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")

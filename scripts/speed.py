@@ -17,7 +17,8 @@ the UNet run each of these ways:
 Each variant is first checked: its first --check images must match eager's within
 --tolerance (and its UNet output on one batch within 1e-4). Then, per batch size: one
 warm-up call at that batch, and --repeats timed draws of --count images; the best and
-median images/s are reported with the user and system CPU seconds of the timed part.
+median images/s are reported with the user and system CPU seconds of the timed part
+(and the CPU milliseconds per image, which other processes on the machine sway less).
 A variant that fails is recorded with its error's last line; one whose package is
 missing (onnxruntime, openvino: `pip install onnxruntime openvino onnxscript`, not in
 requirements.txt) as "not installed". Results go to --out (JSON, rewritten after each
@@ -255,6 +256,8 @@ def time_batch(m: Measurement, model, context, batch: int) -> dict:
             "images_per_s_median": statistics.median(rates),
             "seconds_per_10000": QUOTED / max(rates), "user_s": user,
             "system_s": system, "system_share": system / (user + system) if user + system else 0.0,
+            # CPU time per image: less swayed than the wall clock by other processes
+            "cpu_ms_per_image": 1000 * (user + system) / (m.args.count * m.args.repeats),
             "warmup_s": warmup_s, "runs": runs}
 
 
@@ -357,15 +360,16 @@ def markdown(report: dict) -> str:
              f"{st['network_evaluations_per_image']} network evaluations per image; "
              f"{st['count']:,} images per timed run, best of {st['repeats']}", "",
              "| variant | batch | images/s (best) | images/s (median) | s per 10,000 | "
-             "system time | max diff from eager | notes |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "system time | CPU ms/image | max diff from eager | notes |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in report["results"]:
         if row.get("images_per_s_best") is None:
-            lines.append(f"| {row['variant']} | - | - | - | - | - | - | {_notes(row)} |")
+            lines.append(f"| {row['variant']} | - | - | - | - | - | - | - | {_notes(row)} |")
             continue
         lines.append(f"| {row['variant']} | {row['batch']} | {row['images_per_s_best']:.1f} | "
                      f"{row['images_per_s_median']:.1f} | {row['seconds_per_10000']:.0f} | "
-                     f"{row['system_share']:.0%} | {row['max_diff']:.1e} | {_notes(row)} |")
+                     f"{row['system_share']:.0%} | {row['cpu_ms_per_image']:.1f} | "
+                     f"{row['max_diff']:.1e} | {_notes(row)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -100,3 +100,17 @@ def assert_same_weights(a, b, atol: float = 0.0) -> None:
                 torch.testing.assert_close(value, sb[name], rtol=0, atol=atol, msg=name)
             else:
                 assert torch.equal(value, sb[name]), f"{key}.{name}"
+
+
+def stop_by_signal_after(trainer, steps: int) -> None:
+    """Make `trainer` act as if Ctrl-C arrived during step `steps` (it saves and raises
+    TrainingInterrupted)."""
+    step = trainer.train_step
+
+    def stopping(*batch):
+        out = step(*batch)
+        if trainer.step + 1 == steps:
+            trainer._stop_signal = "SIGINT"
+        return out
+
+    trainer.train_step = stopping

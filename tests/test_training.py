@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from config import Config, ConfigError, config_for_resume
-from helpers import assert_same_weights, quiet, train
+from helpers import assert_same_weights, quiet, stop_by_signal_after, train
 from models import DiffusionModel
 from training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 from utils import checkpoint as ckpt
@@ -107,19 +107,6 @@ def test_checkpoint_round_trip_gives_identical_outputs(tiny):
         assert not torch.equal(raw_model.unet(x, t), model.unet(x, t))
 
 
-def _stop_by_signal_after(trainer, steps: int) -> None:
-    """Make `trainer` act as if Ctrl-C arrived during step `steps`."""
-    step = trainer.train_step
-
-    def stopping(*batch):
-        out = step(*batch)
-        if trainer.step + 1 == steps:
-            trainer._stop_signal = "SIGINT"
-        return out
-
-    trainer.train_step = stopping
-
-
 RESUME_CASES = {  # settings, total steps, where the first run stops (4 steps per epoch)
     "mid-epoch": (dict(), 9, 3),
     "at-epoch-end": (dict(), 9, 4),
@@ -142,7 +129,7 @@ def test_resume_is_exact(tiny, tmp_path, case):
     else:
         first = Trainer(tiny(MAX_STEPS=total, CHECKPOINT_DIR=str(tmp_path / "b"), **settings),
                         progress=False, log=quiet)
-        _stop_by_signal_after(first, -stop_at)
+        stop_by_signal_after(first, -stop_at)
         with pytest.raises(TrainingInterrupted):
             first.fit()
     state = ckpt.load_checkpoint(tmp_path / "b" / ckpt.LATEST)

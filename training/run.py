@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from config import Config, ConfigError, check_device, config_for_resume, default_device
+from training.distill import Distiller
 from training.trainer import Trainer
 from utils import checkpoint as ckpt
 from utils import distributed as dist
@@ -98,7 +99,8 @@ def train_model(config: Config | None = None, resume: dict | str | None = None,
     lock = locked(config.CHECKPOINT_DIR, config.OUTPUT_DIR) if dist.is_main() else contextlib.nullcontext()
     try:
         with lock:
-            trainer = Trainer(config, resume=resume, progress=progress, log=log)
+            kind = Distiller if config.DISTILL else Trainer
+            trainer = kind(config, resume=resume, progress=progress, log=log)
             finished = trainer.finished()
             if finished:
                 log(f"nothing to do: this run is finished ({finished})")

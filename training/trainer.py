@@ -269,20 +269,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step, self._fraction)
         size = x0.shape[0]
-        t = self.model.scheduler.sample_timesteps(size, self.device, self.generator,
-                                                  cfg.TIMESTEP_SAMPLING)
-        noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
-        # a model without classes ignores the labels (the DataLoader yields them all the same)
-        labels = self.drop_labels(labels) if cfg.CONDITIONAL else None
-        part = dist.local_slice(size)
-        x0, t, noise = x0[part], t[part], noise[part]
-        labels = None if labels is None else labels[part]
-        if cfg.CHANNELS_LAST:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                            enabled=self.precision == "bf16"):
-            per_image = self.model.compute_loss(x0, t, noise, reduction="none",
-                                                forward=self.forward, labels=labels)
+        per_image, t = self.per_image_loss(x0, labels)
         loss = per_image.sum() / size  # this process's share of the batch mean
         (loss * dist.world_size()).backward()
         loss = dist.all_reduce_sum_(loss.detach())
@@ -299,6 +286,29 @@ class Trainer:
             self._bins[1].index_add_(0, quartile, torch.ones_like(quartile, dtype=torch.float64))
         self._grad_norm = grad_norm.detach()
         return loss, bad
+
+    def per_image_loss(self, x0: torch.Tensor, labels: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's (per-image losses, their timesteps) of the global batch x0: the
+        denoising loss at timesteps and noise drawn for the whole batch (see train_step).
+        A distillation run (training/distill.py) replaces this and nothing else."""
+        cfg = self._config
+        size = x0.shape[0]
+        t = self.model.scheduler.sample_timesteps(size, self.device, self.generator,
+                                                  cfg.TIMESTEP_SAMPLING)
+        noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
+        # a model without classes ignores the labels (the DataLoader yields them all the same)
+        labels = self.drop_labels(labels) if cfg.CONDITIONAL else None
+        part = dist.local_slice(size)
+        x0, t, noise = x0[part], t[part], noise[part]
+        labels = None if labels is None else labels[part]
+        if cfg.CHANNELS_LAST:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            per_image = self.model.compute_loss(x0, t, noise, reduction="none",
+                                                forward=self.forward, labels=labels)
+        return per_image, t
 
     def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """The global batch's labels with each replaced by the "no class" token with

@@ -17,6 +17,7 @@ an exhausted memory into one line each, so that no user mistake ends in a traceb
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -97,6 +98,12 @@ def report_errors(prog: str, body, *, oom_hint: str = "", interrupted: str = "")
     except UserError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:  # the reader went away (python main.py | head): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_OK
     except KeyboardInterrupt:
         print(f"{prog}: interrupted{'; ' + interrupted if interrupted else ''}", file=sys.stderr)
         return EXIT_SIGINT
