@@ -282,6 +282,8 @@ def job_samples(ctx: Context) -> list[Path]:
     args, written, results = ctx.args, [], []
     count = args.num_samples or (EVAL_DEFAULT_SAMPLES if args.evaluate
                                  else default_count(ctx.classes))
+    if args.evaluate:
+        ctx.evaluator()  # the data and the classifier before the long draw: fail fast
     for guidance in ctx.guidances:
         settings = ctx.settings(guidance)
         start = time.perf_counter()
@@ -456,6 +458,8 @@ def job_edit(ctx: Context) -> list[Path]:
     at and the distance to the input at each strength."""
     args = ctx.args
     images, labels = first_test_images(ctx)
+    if args.evaluate:
+        ctx.evaluator()
     own = labels if ctx.config.CONDITIONAL and not args.digit else None
     settings = ctx.settings(ctx.guidances[0])
     print(f"SDEdit of {len(images)} test images at strength {', '.join(f'{s:g}' for s in args.strength)}"
