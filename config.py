@@ -254,7 +254,7 @@ class Config:
         if self.SAMPLING_STEPS > self.TIMESTEPS:
             raise ConfigError(f"--sampling-steps ({self.SAMPLING_STEPS}) cannot exceed "
                               f"--timesteps ({self.TIMESTEPS})")
-        if not 1 <= self.STUDENT_STEPS <= self.TEACHER_STEPS <= self.TIMESTEPS:
+        if self.DISTILL and not 1 <= self.STUDENT_STEPS <= self.TEACHER_STEPS <= self.TIMESTEPS:
             raise ConfigError(f"--student-steps ({self.STUDENT_STEPS}) and --teacher-steps "
                               f"({self.TEACHER_STEPS}) need 1 <= student <= teacher <= "
                               f"--timesteps ({self.TIMESTEPS})")
