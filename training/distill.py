@@ -9,7 +9,8 @@ Both start the student from the teacher's EMA weights, train on the real trainin
 config says how to sample it, so `generate.py --checkpoint` needs no flag.
 
 - progressive (Salimans & Ho 2022, Algorithm 2): rounds that halve the steps, from
-  TEACHER_STEPS down to STUDENT_STEPS, each an equal share of the budget. In a round of S
+  TEACHER_STEPS down to STUDENT_STEPS, each an equal share of the budget; each round's
+  student is kept beside the run's checkpoints (student_16steps.pt, ...). In a round of S
   student steps on the trailing grid t_k = (T-1)(1 - k/(2S)), one deterministic DDIM step
   of the student from t_2i to t_2i+2 is trained to land where two DDIM steps of the teacher
   land: the target x0 is the one that DDIM maps z_t onto the teacher's z_t'', and the loss
@@ -118,10 +119,20 @@ class Distiller(Trainer):
     def _next_round_if_due(self) -> None:
         target = self._round_for(self._fraction)
         if target > self.round:  # the student becomes the teacher
+            dist.wait_for_rank0(self._save_round)
             self.teacher.load_state_dict(self.ema.state_dict())
             self.round, self.round_start = target, self.step
-            self.log(f"\nround {self.round + 1} of {self.rounds} from step {self.step}: "
-                     f"{self.student_steps()} steps")
+
+    def _save_round(self) -> None:
+        """The student of the round that ends, as a checkpoint of its own that samples
+        with that round's steps: student_16steps.pt, student_8steps.pt, ..."""
+        steps = self.student_steps()
+        config = self.config.replace(SAMPLING_STEPS=steps).to_dict()
+        weights = self.ema.state_dict()
+        path = self.checkpoint_dir / f"student_{steps}steps.pt"
+        ckpt.save_checkpoint({"config": config, "ema": weights, "model": weights,
+                              "step": self.step, "epoch": self.epoch}, path)
+        self.log(f"\nround {self.round + 1} done at step {self.step}: {path}")
 
     def ema_decay_at(self, step: int) -> float:
         """The EMA restarts with each round (its warm-up counts from the round's start)."""
