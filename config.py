@@ -110,7 +110,7 @@ class Config:
     SAVE_EVERY: int = 10  # write a checkpoint and a sample grid every this many epochs
     SAVE_EVERY_STEPS: int = 0  # also refresh latest.pt every this many steps (0 = off)
     KEEP: int = 3  # periodic checkpoints kept besides latest.pt
-    NUM_SAMPLES: int = 16  # images in each sample grid (conditional: rounded up to the same number of each class, one row per class)
+    NUM_SAMPLES: int = 100  # images in each sample grid (conditional: rounded up to the same number of each class, one row per class)
     PRINT_EVERY: int = 100  # update the progress bar's loss every this many steps
     EVAL_EVERY: int = 0  # evaluate FID every this many epochs (0 = off)
     EVAL_SAMPLES: int = 1000  # samples per evaluation during training
