@@ -25,29 +25,28 @@ def dirs(tmp_path, data_dir):
             tmp_path / "out"]
 
 
-@pytest.mark.slow
 def test_train_then_generate_end_to_end(tmp_path, data_dir):
-    result = run("main.py", *TINY, *dirs(tmp_path, data_dir), "--max-steps", 3)
-    assert result.returncode == 0, result.stderr
+    """The scripts' main(), in this process (real processes: the tests below)."""
+    assert main.main([*TINY, *map(str, dirs(tmp_path, data_dir)), "--max-steps", "3"]) == 0
     latest = tmp_path / "ck" / "latest.pt"
     assert latest.is_file()
     for name in ("samples_final.png", "loss.png", "loss_history.csv", "config.json"):
         assert (tmp_path / "out" / name).is_file(), name
 
     out = tmp_path / "gen" / "grid.png"
-    result = run("generate.py", "--checkpoint", latest, "--output", out, "--num-samples", 6,
-                 "--save-npz", tmp_path / "gen" / "s.npz", "--seed", 1, "--device", "cpu",
-                 "--quiet", "--output-dir", tmp_path / "gen")
-    assert result.returncode == 0, result.stderr
+    assert generate.main([str(a) for a in (
+        "--checkpoint", latest, "--output", out, "--num-samples", 6, "--save-npz",
+        tmp_path / "gen" / "s.npz", "--seed", 1, "--device", "cpu", "--quiet", "--output-dir",
+        tmp_path / "gen")]) == 0
     assert Image.open(out).size[0] > 28
     samples = np.load(tmp_path / "gen" / "s.npz")["samples"]
     assert samples.shape == (6, 28, 28) and samples.dtype == np.uint8
 
-    result = run("generate.py", "--checkpoint", latest, "--output", out, "--interpolate",
-                 "--num-steps", 4, "--pairs", 2, "--interpolate-real", 0, 1, "--inversion-steps", 5,
-                 "--chain", "--forward", "--device", "cpu", "--quiet", "--data-dir", data_dir,
-                 "--no-download", "--output-dir", tmp_path / "gen")
-    assert result.returncode == 0, result.stderr
+    assert generate.main([str(a) for a in (
+        "--checkpoint", latest, "--output", out, "--interpolate", "--num-steps", 4, "--pairs", 2,
+        "--interpolate-real", 0, 1, "--inversion-steps", 5, "--chain", "--forward", "--device",
+        "cpu", "--quiet", "--data-dir", data_dir, "--no-download", "--output-dir",
+        tmp_path / "gen")]) == 0
     strip = Image.open(tmp_path / "gen" / "grid_interpolation.png")
     assert strip.size == (2 * (4 * 30 + 2), 2 * (2 * 30 + 2))  # 4 columns, 2 rows, scaled x2
     for name in ("grid_interpolation_real_0_1.png", "grid_chain.png", "grid_chain.gif",
@@ -243,9 +242,9 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tmp_path, data_dir,
     for name in ("loss_history.csv", "loss.png", "samples_final.png", "config.json"):
         assert (tmp_path / "out" / name).is_file(), name  # written at the stop, not only at the end
     target = state["step"] + 2
-    result = run("main.py", "--resume", "auto", "--checkpoint-dir", tmp_path / "ck",
-                 "--max-steps", target, "--quiet", "--no-download", "--data-dir", data_dir)
-    assert result.returncode == 0, result.stderr
+    assert main.main(["--resume", "auto", "--checkpoint-dir", str(tmp_path / "ck"),
+                      "--max-steps", str(target), "--quiet", "--no-download", "--data-dir",
+                      str(data_dir)]) == 0
     assert ckpt.load_checkpoint(latest)["step"] == target
 
 
@@ -255,7 +254,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
     rng = random.Random(0)
     latest = tmp_path / "ck" / "latest.pt"
     steps_seen = []
-    for attempt in range(3):
+    for attempt in range(2):
         proc = _start_training(tmp_path, data_dir, "--resume", "auto", "--save-every-steps", 1)
         before = latest.stat().st_mtime_ns if latest.exists() else 0
         assert _wait_for(lambda: latest.exists() and latest.stat().st_mtime_ns != before), \
@@ -266,9 +265,9 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
         state = ckpt.load_checkpoint(latest)  # never half-written
         steps_seen.append(state["step"])
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] > steps_seen[0]
-    result = run("main.py", "--resume", "auto", "--checkpoint-dir", tmp_path / "ck", "--max-steps",
-                 steps_seen[-1] + 2, "--quiet", "--no-download", "--data-dir", data_dir)
-    assert result.returncode == 0, result.stderr
+    assert main.main(["--resume", "auto", "--checkpoint-dir", str(tmp_path / "ck"), "--max-steps",
+                      str(steps_seen[-1] + 2), "--quiet", "--no-download", "--data-dir",
+                      str(data_dir)]) == 0
     assert ckpt.load_checkpoint(latest)["step"] == steps_seen[-1] + 2
     assert not list((tmp_path / "ck").glob(".*tmp*"))  # stale temporaries cleaned up
 

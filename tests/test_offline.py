@@ -74,7 +74,7 @@ def test_quick_start_on_a_fresh_clone_without_network_from_any_folder(tmp_path):
     assert probe.returncode != 0 and "network disabled" in probe.stderr
 
     # the README's quick start, on a tiny budget
-    trained = run("main.py", "--max-steps", 25, "--train-size", 512, "--quiet")
+    trained = run("main.py", "--max-steps", 10, "--train-size", 256, "--num-samples", 10, "--quiet")
     assert trained.returncode == 0, trained.stderr
     assert "using --preset cpu" in trained.stdout and "plan:" in trained.stdout
     (run_dir,) = (clone / "runs").iterdir()
@@ -89,7 +89,8 @@ def test_quick_start_on_a_fresh_clone_without_network_from_any_folder(tmp_path):
     assert grid.shape[:2] == (2 * (10 * 30 + 2), 2 * (1 * 30 + 2)) and grid.std() > 10
 
     # the same scripts from another folder: its own runs/ and outputs/, the repo's data
-    again = run(clone / "main.py", "--max-steps", 3, "--train-size", 64, "--quiet", cwd=elsewhere)
+    again = run(clone / "main.py", "--max-steps", 2, "--train-size", 64, "--num-samples", 10,
+                "--quiet", cwd=elsewhere)
     assert again.returncode == 0, again.stderr
     assert len(list((elsewhere / "runs").iterdir())) == 1 and not (elsewhere / "data").exists()
     # and the README's "Use it from Python", in a notebook outside the repo

@@ -15,6 +15,7 @@ import matplotlib
 if "MPLBACKEND" not in os.environ:
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -24,10 +25,16 @@ from utils.data_loader import denormalize_images  # noqa: E402
 from utils.files import atomic_write  # noqa: E402
 
 
+def _figure(figsize, ncols: int = 1):
+    """A figure outside pyplot's registry: closing pyplot figures runs the garbage
+    collector (a third of a second in a process holding a model), written ones need none."""
+    fig = Figure(figsize=figsize)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
 def _save_figure(fig, path) -> Path:
-    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=fig.dpi, format="png"))
-    plt.close(fig)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=fig.dpi, format="png"))
 
 
 def grid_image(images: torch.Tensor, nrow: int = 8, normalize: bool = True,
@@ -88,7 +95,7 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 def plot_loss(losses, save_path, title: str = "Training loss", steps_per_epoch: int | None = None):
     """Per-step losses (log scale) with a moving average; x in epochs if steps_per_epoch."""
     losses = np.asarray(losses, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure((7, 4))
     _draw_loss(ax, losses, steps_per_epoch)
     ax.set_title(title)
     fig.tight_layout()
@@ -116,7 +123,7 @@ def _draw_loss(ax, losses: np.ndarray, steps_per_epoch: int | None):
 def plot_training_curves(losses, evaluations: list[dict], save_path, steps_per_epoch: int,
                          title: str = ""):
     """Loss curve beside the evaluation metrics (FID, confident fraction) against epochs."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = _figure((12, 4), 2)
     _draw_loss(axes[0], np.asarray(losses, dtype=np.float64), steps_per_epoch)
     axes[0].set_title("training loss")
     if evaluations:
@@ -152,7 +159,7 @@ def save_labelled_grid(images: torch.Tensor, save_path, ncol: int, column_labels
     beside each row), via matplotlib."""
     picture = np.asarray(grid_image(images, nrow=ncol, scale=1))
     cell = picture.shape[1] / ncol
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.75 * ncol), 0.75 * picture.shape[0] / cell + 0.6))
+    fig, ax = _figure((max(4.0, 0.75 * ncol), 0.75 * picture.shape[0] / cell + 0.6))
     ax.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_xticks([cell * (i + 0.5) for i in range(ncol)], column_labels, fontsize=8)
     ax.xaxis.tick_top()
