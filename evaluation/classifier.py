@@ -17,7 +17,6 @@ class balance and the conditional accuracy.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from utils.data_loader import normalize_images
 from utils.datasets import Dataset
 from utils.datasets.base import ROOT
 from utils.errors import DataError
+from utils.files import check_recorded, sha256_of
 
 FORMAT = "mnist-classifier"
 VERSION = 1
@@ -171,14 +171,6 @@ def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> f
     return (probs.argmax(1) == labels.cpu()).double().mean().item()
 
 
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _from_state(state: dict, channels: int) -> Classifier:
     model = Classifier(channels, state["model"]["head.weight"].shape[0])
     model.load_state_dict(state["model"])
@@ -197,12 +189,7 @@ def load_shipped(dataset_name: str = "mnist", device="cpu", path=None,
     fix = (f"restore it with `git checkout -- evaluation/weights/`, or train new weights with "
            f"`python -m scripts.classifier --dataset {dataset_name} --retrain` and record the "
            f"hash it prints in evaluation/classifier.py (SHIPPED); FIDs then change")
-    if not path.is_file():
-        raise ClassifierError(f"evaluation classifier weights {path} are missing; {fix}")
-    found = sha256_of(path)
-    if found != sha256:
-        raise ClassifierError(f"evaluation classifier weights {path} have SHA-256 {found[:16]}..., "
-                              f"not the recorded {sha256[:16]}...; {fix}")
+    found = check_recorded(path, sha256, "evaluation classifier weights", fix, ClassifierError)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = _from_state(state, state["model"]["body.0.weight"].shape[1])
     info = {k: state[k] for k in ("test_accuracy", "seed", "epochs", "train_size")}

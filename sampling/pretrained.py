@@ -7,10 +7,10 @@ training: the CPU preset (conditional, 0.26M parameters) trained by the repo's o
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.files import check_recorded, sha256_of
 
 NAME = "pretrained"
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "weights" / "mnist_cpu_pretrained.pt"
@@ -23,25 +23,12 @@ def available() -> bool:
     return WEIGHTS.is_file()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve(checkpoint) -> Path:
     """A checkpoint path as given, or the shipped model's for "pretrained" (checked)."""
     if str(checkpoint) != NAME:
         return Path(checkpoint)
-    fix = "restore it with `git checkout -- models/weights/`"
-    if not WEIGHTS.is_file():
-        raise CheckpointError(f"the pretrained model {WEIGHTS} is missing; {fix}")
-    found = _sha256(WEIGHTS)
-    if found != SHA256:
-        raise CheckpointError(f"the pretrained model {WEIGHTS} has SHA-256 {found[:16]}..., not "
-                              f"the recorded {SHA256[:16]}...; {fix}")
+    check_recorded(WEIGHTS, SHA256, "the pretrained model",
+                   "restore it with `git checkout -- models/weights/`", CheckpointError)
     return WEIGHTS
 
 
@@ -55,4 +42,4 @@ def export(checkpoint, path=WEIGHTS) -> str:
              "step": state["step"], "epoch": state["epoch"],
              "evaluations": state.get("evaluations", []), "exported_from": str(checkpoint)}
     save_checkpoint(small, path)
-    return _sha256(Path(path))
+    return sha256_of(path)

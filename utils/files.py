@@ -10,6 +10,7 @@ A failed write is `SaveError`, one line: what, where and why.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -92,6 +93,27 @@ def remove_stale_temporaries(folder) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_recorded(path, sha256: str, what: str, fix: str, error=RuntimeError) -> str:
+    """Shipped weights: `error` (one line, with `fix`) if the file at `path` is missing or
+    is not the one whose SHA-256 was recorded; its SHA-256 otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} is missing; {fix}")
+    found = sha256_of(path)
+    if found != sha256:
+        raise error(f"{what} {path} has SHA-256 {found[:16]}..., not the recorded "
+                    f"{sha256[:16]}...; {fix}")
+    return found
 
 
 def unused(path) -> Path:
