@@ -88,8 +88,9 @@ def build_config(args) -> tuple[Config, dict | None]:
     if args.preset == "auto" and config.PRESET == "cpu":
         print("no CUDA device here: using --preset cpu (a 0.26M-parameter model that draws "
               "images in 15 minutes"
-              + (" and learns their classes: generate.py --digit 7 draws 7s"
-                 if config.CONDITIONAL and config.DATASET == "mnist" else "")
+              + ((" and learns their classes: generate.py --digit 7 draws 7s"
+                  if config.DATASET == "mnist" else " and learns their classes: generate.py "
+                  "--class NAME draws one") if config.CONDITIONAL else "")
               + "); --preset none trains the default model")
     return config, None
 
