@@ -55,8 +55,8 @@ class ChannelsLastUNet(nn.Module):
 
 def example_inputs(model, batch: int = 2) -> tuple:
     """(x, t, labels) of `batch` images for `model` (a DiffusionModel); labels only if
-    the model is class-conditional."""
-    x = torch.randn(batch, *model.image_shape)
+    the model is class-conditional. The noise is seeded: the same in every process."""
+    x = torch.randn(batch, *model.image_shape, generator=torch.Generator().manual_seed(0))
     t = torch.arange(batch, dtype=torch.long) * (model.timesteps // batch)
     if not model.conditional:
         return x, t

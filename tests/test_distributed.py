@@ -48,7 +48,7 @@ def assert_same_weights(a, b, atol=1e-5):
 
 def test_processes_train_like_one_and_resume_on_another_count(tmp_path, data_dir):
     """2 processes of 8 train the same weights as 1 of 16 (up to the order of sums); rank 0
-    alone writes and talks, and evaluates inside the 2-process run without hanging; a run
+    alone writes (TensorBoard too) and talks, and evaluates inside the 2-process run without hanging; a run
     begun on 2 processes resumes on 1 and back, with the weights of one unbroken run."""
     common = [*TINY, "--data-dir", data_dir, "--batch-size", 16]
     straight = launch(tmp_path, 0, "main.py", *common, "--max-steps", 7, "--checkpoint-dir", "s")
@@ -56,10 +56,13 @@ def test_processes_train_like_one_and_resume_on_another_count(tmp_path, data_dir
     begun = {}
     for first, then in ((2, 0), (0, 2)):  # begun on 2 processes, resumed on 1; and back
         folder = tmp_path / f"r{first}{then}"
-        extra = ["--eval-every", 1, "--eval-samples", 24] if first == 2 else []
+        extra = ["--eval-every", 1, "--eval-samples", 24, "--log", "tensorboard"] \
+            if first == 2 else []
         begun[first] = launch(tmp_path, first, "main.py", *common, "--max-steps", 3,
                               "--checkpoint-dir", folder, *extra)
         assert begun[first].returncode == 0, begun[first].stderr
+        if first == 2:  # rank 0 alone writes TensorBoard events: one file
+            assert len(list((folder / "tb").glob("events.out.tfevents*"))) == 1
         begun[first] = ckpt.load_checkpoint(folder / "latest.pt")
         resumed = launch(tmp_path, then, "main.py", "--resume", folder / "latest.pt",
                          "--max-steps", 7, "--quiet")

@@ -20,7 +20,8 @@ from utils import checkpoint as ckpt
 SCALARS = {"loss", "lr", "ema_decay", "grad_norm", "images_per_s", "skipped_steps", "loss_q0",
            "loss_q1", "loss_q2", "loss_q3", "eval/fid", "eval/fid_floor",
            "eval/confident_fraction", "eval/confident_fraction_floor", "eval/class_kl",
-           "eval/conditional_accuracy", "eval/conditional_accuracy_floor"}
+           "eval/conditional_accuracy", "eval/conditional_accuracy_floor", "eval/recall",
+           "eval/recall_floor", "eval/precision"}
 
 
 def _events(folder):
@@ -52,6 +53,10 @@ def test_every_diagnostic_is_logged_at_its_steps(logged_run):
     lrs = [e.value for e in events.Scalars("lr")]
     assert lrs[-1] == pytest.approx(trainer.lr_at(7))
     assert "samples" in tags["images"] and [e.step for e in events.Images("samples")] == [4, 8]
+    strips = events.Images("guidance_strip")  # a conditional run: classes x guidance scales
+    assert [e.step for e in strips] == [4, 8]
+    side = config.IMAGE_SIZE + 2  # make_grid's padding of 2
+    assert (strips[-1].width, strips[-1].height) == (4 * side + 2, 10 * side + 2)
     assert "config/text_summary" in tags["tensors"]
     hparams = _events(f"{config.OUTPUT_DIR}/tb/hparams")
     assert "final/fid" in hparams.Tags()["scalars"]

@@ -7,7 +7,10 @@ The trainer reports each event once, to every logger of the run (rank 0 only):
                                     quartile, learning rate, EMA decay, gradient norm,
                                     images/s, non-finite steps skipped
     evaluation(step, record)        FID and the rest, beside their floors (--eval-every)
-    images(step, name, images, nrow, row_labels)  a grid of samples, rows named if given
+    images(step, name, images, nrow, row_labels)  a grid of samples, rows named if given;
+                                    also the guidance strip ("guidance_strip": rows are
+                                    classes, columns GUIDANCE_STRIP) of a conditional run,
+                                    for loggers whose wants_guidance_strip is True
     history(losses, evaluations)    at every checkpoint: the whole record so far
     finish(summary)                 the final metrics
     close()
@@ -34,6 +37,9 @@ from utils.visualization import (plot_loss, plot_training_curves, save_images,
                                  save_labelled_grid)
 
 
+GUIDANCE_STRIP = (0.0, 1.0, 2.0, 4.0)  # the guidance strip's scales: no class ... strong
+
+
 @dataclass(frozen=True)
 class RunInfo:
     config: Config
@@ -44,6 +50,8 @@ class RunInfo:
 
 class RunLogger:
     """A backend; every method is optional (does nothing here)."""
+
+    wants_guidance_strip = False  # True: the trainer draws the strip (a cost) for this one
 
     def start(self, run: RunInfo) -> None: ...
     def scalars(self, step: int, values: dict[str, float]) -> None: ...
@@ -71,6 +79,8 @@ class FilesLogger(RunLogger):
                  f"(floor {record['fid_floor']:.2f}) on {record['num_samples']} samples"
                  + (f", {100 * record['confident_fraction']:.1f}% with p > 0.9, class KL "
                     f"{record['class_kl']:.4f}" if "confident_fraction" in record else "")
+                 + (f", recall {record['recall']:.3f} (floor {record['recall_floor']:.3f})"
+                    if "recall" in record else "")
                  + (f", {100 * accuracy:.1f}% the class asked for (guidance "
                     f"{record['guidance']:g})" if accuracy is not None else ""))
 
@@ -103,6 +113,8 @@ class FilesLogger(RunLogger):
 
 class TensorBoardLogger(RunLogger):
     """TensorBoard event files in <run>/tb/ (open with: tensorboard --logdir runs)."""
+
+    wants_guidance_strip = True
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -137,7 +149,7 @@ class TensorBoardLogger(RunLogger):
 
     def images(self, step: int, name: str, images: torch.Tensor, nrow: int,
                row_labels: list[str] | None = None) -> None:
-        tag = "samples" if name.startswith("samples") else name
+        tag = "samples" if name.startswith("samples") else name  # one tag, a slider over steps
         if self._last_image.get(tag) == step:  # the final grid of an epoch's last step
             return
         self._last_image[tag] = step
@@ -170,4 +182,5 @@ def make_loggers(config: Config, log=print) -> list[RunLogger]:
     return loggers
 
 
-__all__ = ["RunLogger", "FilesLogger", "TensorBoardLogger", "RunInfo", "make_loggers"]
+__all__ = ["GUIDANCE_STRIP", "RunLogger", "FilesLogger", "TensorBoardLogger", "RunInfo",
+           "make_loggers"]

@@ -32,7 +32,7 @@ from config import RUN_CONTROL, Config, ConfigError, config_for_resume
 from evaluation.metrics import Evaluator
 from models.diffusion import DiffusionModel
 from sampling.settings import arrange, for_training, labels_for, resolve_precision, row_labels
-from training.logging import RunInfo, RunLogger, make_loggers
+from training.logging import GUIDANCE_STRIP, RunInfo, RunLogger, make_loggers
 from training.schedules import EmaSchedule, base_lr, lr_at
 from utils import allocator
 from utils import checkpoint as ckpt
@@ -588,7 +588,21 @@ class Trainer:
         shown, nrow = arrange(self._grid[1], classes)
         names = row_labels(cfg, classes)
         paths = [logger.images(self.step, name, shown, nrow, names) for logger in self.loggers]
+        wanting = [logger for logger in self.loggers if logger.wants_guidance_strip]
+        if classes and wanting:
+            strip = self.guidance_strip(classes)
+            for logger in wanting:
+                logger.images(self.step, "guidance_strip", strip, len(GUIDANCE_STRIP), names)
         return next((p for p in paths if p is not None), None)
+
+    def guidance_strip(self, classes: list[int]) -> torch.Tensor:
+        """Each class (a row) from one noise, at each scale of GUIDANCE_STRIP (the columns)."""
+        settings = for_training(self._config)
+        labels = torch.tensor(classes, device=self.device)
+        columns = [self.ema.sample((len(classes), *self.ema.image_shape), seed=self._config.SEED,
+                                   labels=labels, **{**settings.sample_kwargs(), "guidance": w})
+                   for w in GUIDANCE_STRIP]
+        return torch.stack(columns, dim=1).flatten(0, 1)
 
     def write_history(self):
         for logger in self.loggers:
@@ -621,8 +635,7 @@ class Trainer:
                 self.evaluator = Evaluator(self.dataset, device=self.device,
                                            progress=self.progress, log=self.log)
             labels = labels_for(classes, len(images))
-            result = self.evaluator.evaluate(images, memorisation=False, precision_recall_k=None,
-                                             labels=labels)
+            result = self.evaluator.evaluate(images, memorisation=False, labels=labels)
         except (ResourceError, KeyboardInterrupt):
             raise
         except Exception as error:  # an evaluation must never cost training
@@ -633,7 +646,7 @@ class Trainer:
                   "step": self.step, "train_seconds": self.elapsed, "num_samples": len(images),
                   "fid": result["fid"], "fid_floor": result["floor"]["fid"],
                   "sampler": label}
-        for key in ("confident_fraction", "class_kl"):
+        for key in ("confident_fraction", "class_kl", "precision", "recall"):
             if key in result:
                 record[key] = result[key]
                 record[f"{key}_floor"] = result["floor"][key]
