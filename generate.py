@@ -426,7 +426,8 @@ def job_inpaint(ctx: Context) -> list[Path]:
                        ctx.settings().precision, save_path=path, batch_size=args.batch_size)
         written.append(path)
         if args.evaluate:
-            scores = [score_inpainting(ctx, images, labels, mask, steps, r)
+            scores = [{"mask": Path(name).stem, **score_inpainting(ctx, images, labels, mask,
+                                                                    steps, r)}
                       for r in dict.fromkeys((args.resample, 1))]
             print(format_editing(scores, "mask " + Path(name).stem))
             ctx.results.setdefault("inpaint", []).extend(scores)
@@ -442,6 +443,7 @@ def first_test_images(ctx: Context):
 
 
 def score_inpainting(ctx: Context, images, labels, mask, steps: int, resample: int) -> dict:
+    start = time.perf_counter()
     filled = inpaint_images(ctx.model, images, mask, 1, steps, resample, ctx.args.digit,
                             ctx.guidances[0], ctx.args.seed, ctx.settings().precision,
                             batch_size=ctx.args.batch_size)[:, 0]
@@ -450,7 +452,8 @@ def score_inpainting(ctx: Context, images, labels, mask, steps: int, resample: i
     error = (filled - normalize_images(images))[known].abs().max().item() if known.any() else 0.0
     return {"method": "RePaint" if resample > 1 else "replacement (no resampling)",
             "resample": resample, "steps": steps, "inputs": len(images),
-            "right_class": right_class(ctx, filled, target), "known_pixel_error": error}
+            "right_class": right_class(ctx, filled, target), "known_pixel_error": error,
+            "seconds": time.perf_counter() - start}
 
 
 def job_edit(ctx: Context) -> list[Path]:

@@ -136,6 +136,8 @@ def test_inpaint_and_edit_from_the_command_line_with_scores(checkpoints, tmp_pat
     [report] = [json.loads(p.read_text()) for p in out.glob("eval_*editing*.json")]
     assert len(report["inpaint"]) == 4 and all(r["known_pixel_error"] == 0
                                                for r in report["inpaint"])
+    assert [(r["mask"], r["resample"]) for r in report["inpaint"]] == [
+        ("top", 2), ("top", 1), ("random", 2), ("random", 1)]
     assert generate.main(["--checkpoint", str(checkpoints[0]), "--edit", "--digit", "8",
                           "--strength", "0", "0.5", "--inputs", "10", "--steps", "3",
                           "--evaluate", "--quiet", "--output-dir", str(out), "--output",
