@@ -177,6 +177,9 @@ class DiffusionModel(nn.Module):
 
             out = phi * out * std(out_c) / std(out) + (1 - phi) * out.
         """
+        allocator.tune()  # every sampler, editor and teacher comes here: big temporaries at
+        # every step, kept off mmap (utils/allocator.py)
+
         def network(x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
             context = (torch.autocast(x.device.type, dtype=torch.bfloat16)
                        if precision == "bf16" else contextlib.nullcontext())
@@ -228,7 +231,6 @@ class DiffusionModel(nn.Module):
         labels (conditional models): the class of each image (see `denoiser`), sampled
         with classifier-free guidance of scale `guidance`; None draws unconditionally.
         """
-        allocator.tune()  # big temporaries at every step: keep them off mmap (utils/allocator.py)
         device = self.scheduler.betas.device if device is None else torch.device(device)
         indices = range(first_index, first_index + shape[0])
         noise = PerSampleNoise(seed, indices, tuple(shape[1:]), device)
