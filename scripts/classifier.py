@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (python scripts/NAME.py): the repo on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.classifier import (SHIPPED, WEIGHTS_DIR, accuracy, classifier_for, load_shipped,
                                    retrain)

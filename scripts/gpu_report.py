@@ -47,6 +47,9 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a file (python scripts/NAME.py): the repo on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from config import PRESETS, Config
 from models.diffusion import DiffusionModel
 from evaluation.metrics import Evaluator

@@ -54,6 +54,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+if __package__ in (None, ""):  # run as a file (python scripts/NAME.py): the repo on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from config import Config
 from models.diffusion import DiffusionModel
 from sampling import fast

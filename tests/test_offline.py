@@ -103,6 +103,9 @@ def test_quick_start_on_a_fresh_clone_without_network_from_any_folder(tmp_path):
     used = run("-c", notebook, cwd=elsewhere)
     assert used.returncode == 0 and "(4, 1, 28, 28)" in used.stdout, used.stderr
     assert (elsewhere / "grid.png").is_file()
+    # a script of scripts/ run as a file, from elsewhere, finds the repo's modules
+    helped = run(clone / "scripts" / "classifier.py", "--help", cwd=elsewhere)
+    assert helped.returncode == 0 and "--calibrate" in helped.stdout, helped.stderr
     assert sorted(p.name for p in raw.iterdir()) == shipped  # nothing unpacked or left behind
 
 
