@@ -321,6 +321,9 @@ PRESETS = {
 
 # Flags whose name is not simply the field's name in kebab case.
 FLAG_NAMES = {"LEARNING_RATE": "--lr", "SCHEDULE_TYPE": "--schedule"}
+# Second spellings: torchrun's own parser refuses `--log` after the script (an ambiguous
+# start of its --log-dir and --logs-specs), so under torchrun it is spelled --logger.
+FLAG_ALIASES = {"LOG": ("--logger",)}
 # Fields that are recorded, not asked for: no flag.
 NOT_FLAGS = {"PRESET", "CLASS_NAMES"}
 # The flags most runs need, shown first in --help.
@@ -426,7 +429,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, names=None, rename: di
             kwargs.update(type=int, nargs="+", metavar="M")
         else:
             kwargs.update(type=hint, metavar=name.split("_")[-1])
-        target.add_argument(rename.get(name, flag_for(name)), **kwargs)
+        target.add_argument(rename.get(name, flag_for(name)), *FLAG_ALIASES.get(name, ()),
+                            **kwargs)
 
 
 def config_overrides(args: argparse.Namespace) -> dict:

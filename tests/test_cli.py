@@ -317,3 +317,19 @@ def test_resume_continues_on_this_machine_when_the_runs_device_is_missing(capsys
     assert "--preset cpu ignored" in out and "continuing on cpu" in out
     state = ckpt.load_checkpoint(path)
     assert state["step"] == 3 and state["config"]["DEVICE"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_every_flag_passes_through_torchrun():
+    """torchrun parses the script's arguments too: a flag that starts one of its own options
+    is taken or refused before the script runs (`--log` is ambiguous there, so it has the
+    second spelling --logger, the one the torchrun docs use)."""
+    from torch.distributed.run import get_args_parser
+
+    theirs = {o for a in get_args_parser()._actions for o in a.option_strings}
+    for script in (main, generate):
+        flags = {o for a in script.build_parser()._actions for o in a.option_strings}
+        clashing = {f for f in flags if any(t.startswith(f) for t in theirs)} - {"-h", "--help"}
+        assert clashing <= {"--log"}, (script.__name__, clashing)
+        if clashing:
+            assert "--logger" in flags

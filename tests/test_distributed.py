@@ -56,7 +56,7 @@ def test_processes_train_like_one_and_resume_on_another_count(tmp_path, data_dir
     begun = {}
     for first, then in ((2, 0), (0, 2)):  # begun on 2 processes, resumed on 1; and back
         folder = tmp_path / f"r{first}{then}"
-        extra = ["--eval-every", 1, "--eval-samples", 24, "--log", "tensorboard"] \
+        extra = ["--eval-every", 1, "--eval-samples", 24, "--logger", "tensorboard"] \
             if first == 2 else []
         begun[first] = launch(tmp_path, first, "main.py", *common, "--max-steps", 3,
                               "--checkpoint-dir", folder, *extra)
