@@ -329,7 +329,14 @@ def inpaint_images(model, images: torch.Tensor, mask: torch.Tensor, completions:
         shown_mask = mask.expand(count, *mask.shape[1:]).float()
         masked = real * shown_mask  # hidden pixels grey (0 in [-1, 1])
         rows = torch.cat([masked[:, None], filled, real[:, None]], dim=1)
-        save_images(rows.flatten(0, 1), save_path, nrow=completions + 2)
+        toward = (" toward " + ", ".join(model.config.class_names[d]
+                                         for d in choose_classes(model.config, digits))
+                  if digits else "")
+        save_labelled_grid(rows.flatten(0, 1), save_path, completions + 2,
+                           ["masked"] + [f"#{k + 1}" for k in range(completions)] + ["original"],
+                           f"inpainting: " + (f"RePaint, {steps} steps x {resample} passes"
+                                              if resample > 1 else f"replacement, {steps} steps")
+                           + toward)
     return filled
 
 

@@ -104,11 +104,24 @@ def test_bad_masks_are_one_clear_error(images):
         make_mask("diagonal", 1, 28)
 
 
-def test_the_api_draws_the_pictures_and_aims_at_a_digit(model, images, tmp_path):
-    filled = inpaint_images(model, images[:2], make_mask("left", 2, 28), completions=3,
-                            steps=3, resample=2, digits=[7], save_path=tmp_path / "i.png")
-    assert filled.shape == (2, 3, 1, 28, 28)
-    assert Image.open(tmp_path / "i.png").size == (2 * (5 * 30 + 2), 2 * (2 * 30 + 2))
+def test_the_api_draws_the_pictures_and_aims_at_a_digit(model, images, tmp_path, monkeypatch):
+    import sampling.api as api
+
+    drawn = {}
+    real_save = api.save_labelled_grid
+    monkeypatch.setattr(api, "save_labelled_grid", lambda grid, path, ncol, columns, *rest, **kw:
+                        drawn.update(grid=grid, ncol=ncol, columns=columns)
+                        or real_save(grid, path, ncol, columns, *rest, **kw))
+    mask = make_mask("left", 2, 28)
+    filled = inpaint_images(model, images[:2], mask, completions=3, steps=3, resample=2,
+                            digits=[7], save_path=tmp_path / "i.png")
+    assert filled.shape == (2, 3, 1, 28, 28) and (tmp_path / "i.png").is_file()
+    # a row per image: the masked input, the completions, the original; columns named
+    assert drawn["ncol"] == 5 and drawn["columns"] == ["masked", "#1", "#2", "#3", "original"]
+    rows = drawn["grid"].reshape(2, 5, 1, 28, 28)
+    real = images[:2].float() / 127.5 - 1
+    assert torch.equal(rows[:, 0], real * mask) and torch.equal(rows[:, 4], real)
+    assert torch.equal(rows[:, 1:4], filled)
     edited = edit_images(model, images[:2], [0.0, 0.5], digits=[8], steps=3,
                          save_path=tmp_path / "e.png")
     assert edited.shape == (2, 2, 1, 28, 28) and (tmp_path / "e.png").is_file()
