@@ -46,6 +46,7 @@ def _ddim(model, steps: int, count: int = 16, seed: int = 5) -> torch.Tensor:
                                 steps, eta=0.0, prediction=model.prediction, spacing="trailing")
 
 
+@pytest.mark.slow
 def test_progressive_student_at_k_steps_matches_the_teachers_2k(teacher, tmp_path):
     distiller = _distil(teacher, tmp_path, MAX_STEPS=60)
     first, last = distiller.losses[:10], distiller.losses[-10:]
@@ -58,6 +59,7 @@ def test_progressive_student_at_k_steps_matches_the_teachers_2k(teacher, tmp_pat
     assert distiller.config.SAMPLER == "ddim" and distiller.config.SAMPLING_STEPS == 4
 
 
+@pytest.mark.slow
 def test_consistency_student_maps_the_teachers_path_closer_to_its_end(teacher, tmp_path):
     """A consistency model maps every point x_t of the teacher's ODE path to the path's
     end (Song et al. 2023): after distillation its x0 prediction at each point of an

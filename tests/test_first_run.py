@@ -45,6 +45,7 @@ def test_one_picture_rule_everywhere(tiny):
     assert grid.size == (2 * (2 * 30 + 2), 2 * (10 * 30 + 2))  # ten rows (digits) of two
 
 
+@pytest.mark.slow
 def test_the_plan_says_evaluations_lie_outside_the_budget(capsys, tmp_path):
     assert main.main([*TINY_FLAGS, "--max-steps", "4", "--eval-every", "1", "--eval-samples",
                       "10", "--checkpoint-dir", str(tmp_path / "ck")]) == 0

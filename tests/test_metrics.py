@@ -168,6 +168,7 @@ def test_a_changed_or_missing_weights_file_is_one_clear_error(tmp_path):
         clf.load_shipped("mnist", path=tmp_path / "absent.pt")
 
 
+@pytest.mark.slow
 def test_classifier_training_is_deterministic_and_quick_ones_are_cached(mnist, tmp_path):
     """What makes `--retrain` reproduce the shipped file: the same seed gives the same
     weights, bit for bit (here on a small subset, one epoch, one process and thread count)."""
