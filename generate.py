@@ -259,7 +259,7 @@ class Context:
 
     @functools.cached_property
     def classes(self) -> list[int] | None:
-        return choose_classes(self.config, self.args.digit, "--digit")
+        return choose_classes(self.config, self.args.digit, self.args.class_flag)
 
     @functools.cached_property
     def guidances(self) -> list[float]:
@@ -707,6 +707,9 @@ def refuse_without_classes(args, config: Config) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    # errors about classes name the flag as the user spelled it (--class or --digit)
+    args.class_flag = "--class" if any(str(a).startswith("--cl") for a in given) else "--digit"
     check_args(args, parser)
     try:
         return report_errors("generate.py", lambda: run(args),

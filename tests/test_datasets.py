@@ -70,6 +70,7 @@ def test_fashion_mnist_trains_and_draws_by_class_name_offline(tmp_path, capsys):
     line = expect_one_line(capsys, generate.main, ["--checkpoint", str(folder / ckpt.LATEST),
                                                    "--class", "Sandals", "--quiet"])
     assert "Sandals" in line and "Sandal" in line and "Ankle boot" in line
+    assert line.startswith("generate.py: error: --class Sandals")  # the flag as typed
 
 
 def _write_folder(root: Path, classes: dict, size: int = 12, colour: bool = False,

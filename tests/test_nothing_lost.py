@@ -275,3 +275,14 @@ def test_files_module_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch)
     with pytest.raises(utils.files.SaveError, match="no space left on device"):
         utils.files.save_json({"a": 1}, target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_that_fails_at_once_leaves_no_folders_behind(capsys, tmp_path, monkeypatch):
+    """Missing data: one line, and neither the run's folder nor an empty runs/ stays."""
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "nothing_here"
+    empty.mkdir()
+    line = expect_one_line(capsys, main.main, [*TINY, "--dataset", "fashion-mnist", "--data-dir",
+                                               empty, "--no-download", "--max-steps", 1], code=1)
+    assert "Fashion-MNIST not found" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nothing_here"]

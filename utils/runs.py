@@ -93,12 +93,16 @@ def with_run_folders(config, name: str = "", root=RUNS_DIR):
 
 
 def remove_if_empty(folder) -> bool:
-    """Remove a run folder that holds nothing but its lock (a run that failed at once)."""
+    """Remove a run folder that holds nothing but its lock (a run that failed at once), and
+    the runs/ folder above it if that is left empty (nothing behind in a new folder)."""
     folder = Path(folder)
     try:
         if folder.is_dir() and all(p.name == LOCK for p in folder.iterdir()):
             (folder / LOCK).unlink(missing_ok=True)
             folder.rmdir()
+            parent = folder.parent
+            if parent.name == Path(RUNS_DIR).name and not any(parent.iterdir()):
+                parent.rmdir()
             return True
     except OSError:
         pass
