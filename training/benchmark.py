@@ -184,9 +184,10 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
     device = torch.device(config.DEVICE)
     on_gpu = device.type == "cuda"
     warmup_steps = warmup_steps or (30 if on_gpu else 5)
-    # on a CPU about 1,600 images: 50 steps of the preset's 32 (10 read ~10% high), 13 of
-    # the default model's 128 (a minute and a half)
-    timed_steps = timed_steps or (200 if on_gpu else min(50, max(10, -(-1600 // config.BATCH_SIZE))))
+    # on a CPU about 1,600 images, 10 to 50 steps: 50 of the preset's 32 (10 read ~10%
+    # high), 13 of the default model's 128 (a minute and a half)
+    cpu_steps = min(50, max(10, -(-1600 // config.BATCH_SIZE)))
+    timed_steps = timed_steps or (200 if on_gpu else cpu_steps)
     sample_count = sample_count or (10_000 if on_gpu else 200)
 
     if dist.world_size() > 1:  # torchrun: one process alone first, as the reference

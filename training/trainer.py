@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from config import RUN_CONTROL, Config, ConfigError, config_for_resume
 from evaluation.metrics import Evaluator
 from models.diffusion import DiffusionModel
+from sampling.api import guidance_strip
 from sampling.settings import arrange, for_training, labels_for, resolve_precision, row_labels
 from training.logging import GUIDANCE_STRIP, RunInfo, RunLogger, make_loggers
 from training.schedules import EmaSchedule, base_lr, lr_at
@@ -589,20 +590,12 @@ class Trainer:
         names = row_labels(cfg, classes)
         paths = [logger.images(self.step, name, shown, nrow, names) for logger in self.loggers]
         wanting = [logger for logger in self.loggers if logger.wants_guidance_strip]
-        if classes and wanting:
-            strip = self.guidance_strip(classes)
+        if classes and wanting:  # each class (a row) from one noise, at each scale (columns)
+            strip = guidance_strip(self.ema, classes, list(GUIDANCE_STRIP), seed=cfg.SEED)
             for logger in wanting:
                 logger.images(self.step, "guidance_strip", strip, len(GUIDANCE_STRIP), names)
         return next((p for p in paths if p is not None), None)
 
-    def guidance_strip(self, classes: list[int]) -> torch.Tensor:
-        """Each class (a row) from one noise, at each scale of GUIDANCE_STRIP (the columns)."""
-        settings = for_training(self._config)
-        labels = torch.tensor(classes, device=self.device)
-        columns = [self.ema.sample((len(classes), *self.ema.image_shape), seed=self._config.SEED,
-                                   labels=labels, **{**settings.sample_kwargs(), "guidance": w})
-                   for w in GUIDANCE_STRIP]
-        return torch.stack(columns, dim=1).flatten(0, 1)
 
     def write_history(self):
         for logger in self.loggers:
