@@ -54,9 +54,8 @@ DISTILL_FIELDS = {"DISTILL", "DISTILL_METHOD", "STUDENT_STEPS", "TEACHER_STEPS",
 
 def student_sampling(method: str, steps: int) -> dict:
     """How the student samples: the grid it was trained on, without noise."""
-    if method == "progressive":
-        return dict(SAMPLER="ddim", SAMPLING_STEPS=steps, ETA=0.0, SPACING="trailing")
-    return dict(SAMPLER="consistency", SAMPLING_STEPS=steps, ETA=0.0, SPACING="trailing")
+    return dict(SAMPLER="ddim" if method == "progressive" else "consistency",
+                SAMPLING_STEPS=steps, ETA=0.0, SPACING="trailing")
 
 
 def distillation_config(teacher_path, requested: dict) -> Config:
@@ -75,12 +74,10 @@ def distillation_config(teacher_path, requested: dict) -> Config:
                               f"({getattr(teacher, name)}): a student has its teacher's model")
     method = requested.get("DISTILL_METHOD", "progressive")
     steps = requested.get("STUDENT_STEPS", Config.STUDENT_STEPS)
-    budget = {} if ({"EPOCHS", "MAX_STEPS"} & set(requested)
-                    and "MAX_MINUTES" not in requested) else {"MAX_MINUTES": 15.0}
-    settings = {**DISTILL_DEFAULTS, **budget, **student_sampling(method, steps), **requested,
-                "DISTILL": str(teacher_path)}
-    if "MAX_MINUTES" not in budget and "MAX_MINUTES" not in requested:
-        settings["MAX_MINUTES"] = 0.0
+    # 15 minutes unless told otherwise; a step or epoch budget alone runs without a clock
+    clockless = bool({"EPOCHS", "MAX_STEPS"} & set(requested)) and "MAX_MINUTES" not in requested
+    settings = {**DISTILL_DEFAULTS, **({"MAX_MINUTES": 0.0} if clockless else {}),
+                **student_sampling(method, steps), **requested, "DISTILL": str(teacher_path)}
     return teacher.replace(**settings).validate()
 
 
@@ -146,12 +143,13 @@ class Distiller(Trainer):
         self._next_round_if_due()
         size = x0.shape[0]
         cfg = self.config
-        steps = self.student_steps() * (2 if cfg.DISTILL_METHOD == "progressive" else 1)
-        grid = torch.tensor(samplers.timestep_sequence(self.model.timesteps,
-                                                       cfg.TEACHER_STEPS if cfg.DISTILL_METHOD
-                                                       != "progressive" else steps,
-                                                       "trailing") + [-1], device=self.device)
-        jump = 2 if cfg.DISTILL_METHOD == "progressive" else 1
+        progressive = cfg.DISTILL_METHOD == "progressive"
+        # progressive: the teacher's grid of the round, two of its steps per student step;
+        # consistency: adjacent points of the teacher's whole grid
+        points = 2 * self.student_steps() if progressive else cfg.TEACHER_STEPS
+        grid = torch.tensor(samplers.timestep_sequence(self.model.timesteps, points, "trailing")
+                            + [-1], device=self.device)
+        jump = 2 if progressive else 1
         index = jump * torch.randint(0, (len(grid) - 1) // jump, (size,), device=self.device,
                                      generator=self.generator)
         noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
@@ -159,7 +157,7 @@ class Distiller(Trainer):
         x0, index, noise = x0[part], index[part], noise[part]
         labels = None if labels is None or not cfg.CONDITIONAL else labels[part]
         t = grid[index]
-        if cfg.DISTILL_METHOD == "progressive":
+        if progressive:
             per_image = self._progressive(x0, t, grid[index + 1], grid[index + 2], noise, labels)
         else:
             per_image = self._consistency(x0, t, grid[index + 1], noise, labels)
