@@ -28,8 +28,8 @@ from utils.datasets import builtin_classes, builtin_train_size
 from utils.errors import ConfigError  # noqa: F401  (raised by validate; defined with its exit code)
 
 Schedule = Literal["linear", "cosine"]
-Prediction = Literal["eps", "v"]
-LossWeighting = Literal["none", "min-snr"]
+Prediction = Literal["eps", "v", "edm"]
+LossWeighting = Literal["none", "min-snr", "sigmoid"]
 TimestepSampling = Literal["uniform", "lognormal"]
 LRSchedule = Literal["constant", "linear", "cosine", "wsd"]
 EMARule = Literal["constant", "power"]
@@ -77,8 +77,8 @@ class Config:
     BETA_START: float = 1e-4  # first beta of the linear schedule
     BETA_END: float = 0.02  # last beta of the linear schedule
     SCHEDULE_TYPE: Schedule = "linear"  # noise schedule: linear (DDPM) or cosine (improved DDPM)
-    PREDICTION: Prediction = "eps"  # what the network predicts: noise (eps) or velocity (v)
-    LOSS_WEIGHTING: LossWeighting = "none"  # per-timestep loss weights: none or min-snr (gamma 5)
+    PREDICTION: Prediction = "eps"  # what the network predicts: noise (eps), velocity (v), or EDM's preconditioned F (edm)
+    LOSS_WEIGHTING: LossWeighting = "none"  # per-timestep loss weights: none, min-snr (gamma 5) or sigmoid (Kingma & Gao, b = 2)
     TIMESTEP_SAMPLING: TimestepSampling = "uniform"  # training timesteps: uniform in t, or lognormal in sigma (EDM)
 
     # --- training ---
@@ -93,6 +93,7 @@ class Config:
     EMA_WARMUP: bool = True  # use decay min(EMA_DECAY, (1+step)/(10+step)) early in training
     EMA_RULE: EMARule = "constant"  # constant: EMA_DECAY; power: EDM2's average over the last EMA_STD of the run
     EMA_STD: float = 0.05  # width of the power EMA: std of its weights' ages as a fraction of the steps so far
+    GUIDE_AT: float = 0.0  # keep the EMA weights at this fraction of the budget as the autoguidance guide (0 = none)
     MAX_STEPS: int = 0  # stop after this many optimizer steps in total (0 = no limit)
     MAX_MINUTES: float = 0.0  # stop after this many minutes of training in total (0 = no limit)
     SEED: int = 0  # seeds weights, data order, noise and samples
@@ -120,6 +121,7 @@ class Config:
     SAMPLING_STEPS: int = 20  # network evaluations per sample (ddpm always uses TIMESTEPS)
     ETA: float = 0.0  # sampler noise: 0 = deterministic; 1 = ancestral (ddim), the SDE (dpm-solver)
     SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim
+    AUTOGUIDANCE: float = 1.0  # autoguidance A: guide + A (model - guide), the guide the GUIDE_AT snapshot; 1 = off
     GUIDANCE: float = 1.0  # classifier-free guidance W: eps_u + W (eps_c - eps_u); 0 = unconditional, 1 = plain conditional (the best FID: docs/evaluation.md)
 
     # --- distillation ---
@@ -131,6 +133,7 @@ class Config:
     # --- provenance ---
     PRESET: Preset = "none"  # the preset this run started from (set by --preset; none = the defaults)
     CLASS_NAMES: tuple = ()  # the dataset's classes, recorded when a run starts (a folder's subfolders)
+    DATA_FINGERPRINT: str = ""  # the dataset's content hash, recorded when a run starts
 
     @classmethod
     def from_preset(cls, preset: str = "auto", **overrides) -> "Config":
@@ -246,9 +249,17 @@ class Config:
                               f"the whole run), got {self.EMA_STD}")
         if not 0 <= self.CLASS_DROPOUT < 1:
             raise ConfigError(f"--class-dropout must lie in [0, 1), got {self.CLASS_DROPOUT}")
+        if not 0 <= self.GUIDE_AT < 1:
+            raise ConfigError(f"--guide-at is a fraction of the budget: [0, 1), got {self.GUIDE_AT}")
+        if self.AUTOGUIDANCE < 0:
+            raise ConfigError(f"--autoguidance must be >= 0 (1 = off, 0 = the guide alone), "
+                              f"got {self.AUTOGUIDANCE}")
         if self.GUIDANCE < 0:
             raise ConfigError(f"--guidance must be >= 0 (0 = unconditional, 1 = conditional), "
                               f"got {self.GUIDANCE}")
+        if self.PREDICTION == "edm" and self.LOSS_WEIGHTING != "none":
+            raise ConfigError(f"--prediction edm carries EDM's own loss weight; --loss-weighting "
+                              f"{self.LOSS_WEIGHTING} is for eps or v (use none)")
         if self.DROPOUT >= 1:
             raise ConfigError(f"--dropout must lie in [0, 1), got {self.DROPOUT}")
         if self.SAMPLING_STEPS > self.TIMESTEPS:
@@ -289,7 +300,7 @@ class Config:
 RUN_CONTROL = {"EPOCHS", "MAX_STEPS", "MAX_MINUTES", "DEVICE", "LOADER", "NUM_WORKERS", "THREADS", "CHECKPOINT_DIR", "OUTPUT_DIR",
                "DATA_DIR", "DOWNLOAD", "SAVE_EVERY", "SAVE_EVERY_STEPS", "KEEP", "NUM_SAMPLES",
                "PRINT_EVERY", "EVAL_EVERY", "EVAL_SAMPLES", "SAMPLER", "SAMPLING_STEPS",
-               "ETA", "SPACING", "GUIDANCE", "MAX_BAD_STEPS", "COMPILE", "PRESET", "LOG"}
+               "ETA", "SPACING", "GUIDANCE", "AUTOGUIDANCE", "GUIDE_AT", "MAX_BAD_STEPS", "COMPILE", "PRESET", "LOG"}
 
 
 def config_for_resume(saved: Config, requested: dict) -> Config:
@@ -325,7 +336,7 @@ FLAG_NAMES = {"LEARNING_RATE": "--lr", "SCHEDULE_TYPE": "--schedule"}
 # start of its --log-dir and --logs-specs), so under torchrun it is spelled --logger.
 FLAG_ALIASES = {"LOG": ("--logger",)}
 # Fields that are recorded, not asked for: no flag.
-NOT_FLAGS = {"PRESET", "CLASS_NAMES"}
+NOT_FLAGS = {"PRESET", "CLASS_NAMES", "DATA_FINGERPRINT"}
 # The flags most runs need, shown first in --help.
 COMMON = ("EPOCHS", "MAX_MINUTES", "MAX_STEPS", "BATCH_SIZE", "LEARNING_RATE", "CONDITIONAL",
           "DATASET", "DATA_DIR", "DEVICE", "SEED", "LOG")

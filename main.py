@@ -19,7 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from config import (PRESETS, Config, ConfigError, OneLineArgumentParser, add_config_arguments,
+from config import (NOT_FLAGS, PRESETS, Config, ConfigError, OneLineArgumentParser,
+                    add_config_arguments,
                     check_device, check_writable, config_overrides, flag_for)
 from training.benchmark import run_benchmark
 from training.distill import distillation_config
@@ -59,7 +60,7 @@ def build_parser() -> OneLineArgumentParser:
                           "instead of training; writes benchmark.json to --output-dir "
                           "(default: outputs/)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    fields = {f.name for f in dataclasses.fields(Config)} - {"PRESET", "CLASS_NAMES"}
+    fields = {f.name for f in dataclasses.fields(Config)} - NOT_FLAGS
     add_config_arguments(parser, names=fields, preset="auto", groups=True,
                          default_note={"CHECKPOINT_DIR": "a new folder runs/<date>-<time>-<preset>",
                                        "OUTPUT_DIR": "the checkpoint folder"})

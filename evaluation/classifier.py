@@ -204,16 +204,18 @@ def load_classifier(device="cpu", path=None, sha256: str | None = None):
 
 def train_for(dataset: Dataset, progress: bool = True, log=print, train_size: int | None = None,
               epochs: int = RECIPE["epochs"], seed: int = RECIPE["seed"]) -> tuple[Classifier, dict]:
-    """Train a dataset's classifier by the shipped recipe (CPU, RECIPE's threads): its
-    classes, or for one class the four rotations. Returns (model, info)."""
+    """Train a dataset's classifier by the shipped recipe (CPU, RECIPE's threads, or fewer
+    where the process is limited to fewer): its classes, or for one class the four
+    rotations. Returns (model, info)."""
     images, labels = dataset.load("train")
     if train_size is not None:
         images, labels = images[:train_size], labels[:train_size]
     task = "classes" if dataset.num_classes >= 2 else "rotations"
     if task == "rotations":
         images, labels = rotations(images)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(RECIPE["threads"])
+    threads = torch.get_num_threads()  # the run's own (--threads, OMP_NUM_THREADS): never more
+    used = min(RECIPE["threads"], threads)
+    torch.set_num_threads(used)
     start = time.time()
     try:
         model = train_classifier(images, labels, epochs=epochs, seed=seed, device="cpu",
@@ -226,9 +228,9 @@ def train_for(dataset: Dataset, progress: bool = True, log=print, train_size: in
     finally:
         torch.set_num_threads(threads)
     log(f"evaluation classifier for {dataset.title}: test accuracy {100 * acc:.2f}% on its "
-        f"{task} (trained in {time.time() - start:.0f} s on the CPU, {RECIPE['threads']} threads)")
+        f"{task} (trained in {time.time() - start:.0f} s on the CPU, {used} thread(s))")
     info = {"test_accuracy": acc, "seed": seed, "epochs": epochs, "train_size": len(images),
-            "threads": RECIPE["threads"], "torch": str(torch.__version__), "task": task,
+            "threads": used, "torch": str(torch.__version__), "task": task,
             "dataset": dataset.name, "fingerprint": dataset.fingerprint}
     return model, info
 

@@ -1,7 +1,10 @@
 """Samples as .npz files: what `generate.py --save-npz` writes and `--evaluate-npz` reads.
 
-    samples  uint8 (N, H, W) greyscale or (N, H, W, 3) colour, 0 = black
-    labels   optional int (N,): the class each sample was drawn for (conditional accuracy)
+    samples      uint8 (N, H, W) greyscale or (N, H, W, 3) colour, 0 = black
+    labels       optional int (N,): the class each sample was drawn for (conditional accuracy)
+    dataset      optional str: what the samples are of (mnist, fashion-mnist, folder), so that
+    data_dir,    --evaluate-npz scores them against it without a --checkpoint; with the
+    class_names  folder's path and the classes, for a folder
 
 Written atomically (utils.files); read with one-line errors (`NpzError`, exit code 2)
 for a file that is missing, empty, not an .npz, of the wrong shape or range.
@@ -29,12 +32,30 @@ def to_array(images: torch.Tensor) -> np.ndarray:
     return array[:, 0] if array.shape[1] == 1 else array.transpose(0, 2, 3, 1)
 
 
-def write_samples(path, images: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
-    """uint8 images (N, C, H, W) and their classes, atomically."""
+def write_samples(path, images: torch.Tensor, labels: torch.Tensor | None = None,
+                  dataset: dict | None = None) -> Path:
+    """uint8 images (N, C, H, W), their classes and what dataset they are of
+    ({"dataset", "data_dir", "class_names"}), atomically."""
     arrays = {"samples": to_array(images)}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy().astype(np.int64)
+    for key, value in (dataset or {}).items():
+        arrays[key] = np.array(value, dtype=str)
     return save_npz(path, **arrays)
+
+
+def recorded_dataset(path) -> dict | None:
+    """{"dataset", "data_dir", "class_names"} as write_samples recorded them, or None."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "dataset" not in data.files:
+                return None
+            return {"dataset": str(data["dataset"]),
+                    "data_dir": str(data["data_dir"]) if "data_dir" in data.files else "",
+                    "class_names": tuple(map(str, data["class_names"]))
+                    if "class_names" in data.files else ()}
+    except (OSError, ValueError, zipfile.BadZipFile, AttributeError):
+        return None  # load_samples says what is wrong with the file
 
 
 def load_samples(path, num_classes: int | None = None, flag: str = "--evaluate-npz"

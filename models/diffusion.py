@@ -6,7 +6,7 @@ including classifier-free guidance for class-conditional models (`denoiser`).
 """
 from __future__ import annotations
 
-import contextlib
+import math
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from models import samplers
 from models.unet import UNet
 from utils import allocator
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.noise_scheduler import NoiseScheduler
+from utils.noise_scheduler import PREDICTIONS, NoiseScheduler
 from utils.seeding import PerSampleNoise
 
 
@@ -26,8 +26,9 @@ class DiffusionModel(nn.Module):
 
     Args mirror Config: timesteps, beta_start, beta_end and schedule_type build the
     NoiseScheduler; in_channels .. dropout build the UNet; prediction is what the
-    network outputs ('eps' or 'v'); loss_weighting is 'none' or 'min-snr'; num_classes > 0
-    makes the network class-conditional (labels num_classes, or None, mean "no class").
+    network outputs ('eps', 'v' or EDM's 'edm'); loss_weighting is 'none', 'min-snr' or
+    'sigmoid'; num_classes > 0 makes the network class-conditional (labels num_classes,
+    or None, mean "no class").
     `model.config` is the Config it was built from (`from_config`, `from_checkpoint`), or
     one describing these arguments.
     """
@@ -55,8 +56,9 @@ class DiffusionModel(nn.Module):
                          num_classes=num_classes)
         self.num_classes = num_classes
         self.image_shape = (in_channels, image_size, image_size)
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"unknown prediction {prediction!r}; expected one of eps, v")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; expected one of "
+                             f"{', '.join(PREDICTIONS)}")
         self.prediction = prediction
         self.loss_weighting = loss_weighting
         self.clip_x0 = clip_x0
@@ -77,7 +79,8 @@ class DiffusionModel(nn.Module):
     def from_checkpoint(cls, path, device="cpu", ema: bool = True):
         """Rebuild the model from a checkpoint alone: returns (model in eval mode, Config).
 
-        ema=True loads the averaged weights used for sampling; False the raw weights.
+        ema=True loads the averaged weights used for sampling; False the raw weights. A
+        checkpoint that keeps an early snapshot for autoguidance gives it as `model.guide`.
         Raises utils.checkpoint.CheckpointError for a bad file.
         """
         state = load_checkpoint(path)
@@ -85,6 +88,10 @@ class DiffusionModel(nn.Module):
             config = Config.from_dict(state["config"]).validate()
             model = cls.from_config(config)
             model.load_state_dict(state["ema" if ema else "model"])
+            if isinstance(state.get("guide"), dict):  # the run's early snapshot (GUIDE_AT)
+                guide = cls.from_config(config)
+                guide.load_state_dict(state["guide"])
+                model.set_guide(guide)
         except (ConfigError, RuntimeError, TypeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} does not describe a model this code can "
                                   f"build: {str(error).splitlines()[0][:200]}") from None
@@ -113,7 +120,13 @@ class DiffusionModel(nn.Module):
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise x0 to level t and run the network: returns (network output, noise)."""
         xt, noise = self.forward_diffusion(x0, t, noise)
-        return self.unet(xt, t, labels), noise
+        return self.network(xt, t, labels), noise
+
+    def network(self, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The UNet's raw output (eps, v or EDM's F) at x_t: what it sees of x_t is the
+        scheduler's `network_input` (x_t itself but for EDM's c_in)."""
+        return self.unet(self.scheduler.network_input(xt, t, self.prediction), t, labels)
 
     def compute_loss(self, x0: torch.Tensor, t: torch.Tensor | None = None,
                      noise: torch.Tensor | None = None,
@@ -159,7 +172,8 @@ class DiffusionModel(nn.Module):
         return samplers.ddpm_step(self.scheduler, xt, t, x0, noise)
 
     def denoiser(self, precision: str = "fp32", labels: torch.Tensor | None = None,
-                 guidance: float = 1.0, rescale: float = 0.0):
+                 guidance: float = 1.0, rescale: float = 0.0, guide: "DiffusionModel | None" = None,
+                 autoguidance: float = 1.0, interval: tuple | None = None):
         """The network as a sampler's `denoiser(x, t)`, under bf16 autocast if asked.
 
         With `labels` (a conditional model; (B,) digits or (B, num_classes + 1) class
@@ -170,46 +184,111 @@ class DiffusionModel(nn.Module):
         out_c the output for the labels and out_u for "no class", both from one network
         call on the doubled batch. W = 0 is the unconditional model, W = 1 the plain
         conditional one (each then needs only its own half, one call on B images), W > 1
-        pushes further towards the class. The raw outputs are mixed: for eps and v alike
-        that is the guided eps, since both are affine in eps at a fixed x_t.
+        pushes further towards the class. The raw outputs are mixed: for eps, v and EDM's F
+        alike that is the guided eps, since each is affine in eps at a fixed x_t.
         `rescale` phi (Lin et al. 2023, eq. 15-16) pulls each guided image's standard
         deviation back towards the conditional output's, against oversaturation:
 
             out = phi * out * std(out_c) / std(out) + (1 - phi) * out.
+
+        Autoguidance (Karras et al. 2024) with scale A = `autoguidance` steers away from a
+        weaker version of the model, `guide` (an early snapshot of the run, or a smaller
+        model), asked for the same class: out = guide + A (out - guide), i.e.
+
+            out = out_c + (W - 1)(out_c - out_u) + (A - 1)(out_c - guide_c);
+
+        A = 1 is off. It needs no labels, so it works for unconditional models too.
+        `interval` (lo, hi): guide only where lo < sigma_t <= hi (Kynkaenniemi et al. 2024),
+        sigma_t = sqrt((1 - abar_t) / abar_t); elsewhere the plain prediction (one call).
         """
         allocator.tune()  # every sampler, editor and teacher comes here: big temporaries at
         # every step, kept off mmap (utils/allocator.py)
+        network = self._network_call(precision)
+        labels, plain = self._plain_labels(labels, guidance)
+        cfg = labels is not None and guidance not in (0, 1)
+        guide_net, guide_labels = None, None
+        if autoguidance != 1:
+            guide_net = self.check_guide(guide)._network_call(precision)
+            guide_labels = plain if guide.conditional else None
+        if not cfg and guide_net is None:
+            return lambda x, t: network(x, t, plain)
+        both = torch.cat([labels, self.null_labels_like(labels)]) if cfg else None
+        log_sigmas = self.scheduler.log_sigmas
+        low, high = (math.log(interval[0]) if interval[0] > 0 else -math.inf,
+                     math.log(interval[1])) if interval else (-math.inf, math.inf)
 
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            inside = (log_sigmas.gather(0, t.long()) > low) & (log_sigmas.gather(0, t.long()) <= high)
+            if not inside.any():
+                return network(x, t, plain)
+            if cfg:
+                out_c, out_u = network(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+                out = out_u + guidance * (out_c - out_u)
+                if rescale:
+                    dims = tuple(range(1, x.dim()))
+                    ratio = out_c.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True)
+                    out = rescale * out * ratio + (1 - rescale) * out
+            else:
+                out = out_c = network(x, t, plain)
+            if guide_net is not None:
+                out = out + (autoguidance - 1) * (out_c - guide_net(x, t, guide_labels))
+            if not inside.all():  # a batch of mixed noise levels: plain outside the interval
+                shape = (-1,) + (1,) * (x.dim() - 1)
+                out = torch.where(inside.reshape(shape), out, network(x, t, plain))
+            return out
+        return guided
+
+    def _network_call(self, precision: str):
+        """self.network(x, t, labels), under bf16 autocast (returning float32) if asked."""
         def network(x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
-            context = (torch.autocast(x.device.type, dtype=torch.bfloat16)
-                       if precision == "bf16" else contextlib.nullcontext())
-            with context:
-                return self.unet(x, t, y).float() if precision == "bf16" else self.unet(x, t, y)
+            if precision != "bf16":
+                return self.network(x, t, y)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return self.network(x, t, y).float()
+        return network
 
+    def _plain_labels(self, labels: torch.Tensor | None, guidance: float):
+        """(labels on the model's device, the labels of the unguided prediction): the labels
+        themselves, "no class" for guidance 0, None for a draw without classes."""
         if labels is None:
-            return lambda x, t: network(x, t, None)
+            return None, None
         if not self.conditional:
             raise ValueError("this model has no classes: it was trained without --conditional")
         if labels.is_floating_point() and labels.shape[1:] != (self.num_classes + 1,):
             raise ValueError(f"float labels are class weights of shape (B, {self.num_classes + 1}); "
                              f"got {tuple(labels.shape)} (digits are integers)")
         labels = labels.to(self.scheduler.betas.device)
-        null = self.null_labels_like(labels)
-        if guidance == 0:
-            return lambda x, t: network(x, t, null)
-        if guidance == 1:
-            return lambda x, t: network(x, t, labels)
-        both = torch.cat([labels, null])
+        return labels, (self.null_labels_like(labels) if guidance == 0 else labels)
 
-        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out_c, out_u = network(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-            out = out_u + guidance * (out_c - out_u)
-            if rescale:
-                dims = tuple(range(1, x.dim()))
-                ratio = out_c.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True)
-                out = rescale * out * ratio + (1 - rescale) * out
-            return out
-        return guided
+    @property
+    def guide(self) -> "DiffusionModel | None":
+        """The weaker model that autoguidance steers away from: the early snapshot its
+        checkpoint keeps (Config.GUIDE_AT), or one set with `set_guide`; None if neither."""
+        return self.__dict__.get("_guide")
+
+    def set_guide(self, guide: "DiffusionModel | None") -> "DiffusionModel":
+        """Use `guide` for autoguidance (checked to fit). Kept outside the module tree, so
+        the model's state_dict and parameters stay its own."""
+        self.__dict__["_guide"] = None if guide is None else self.check_guide(guide)
+        return self
+
+    def check_guide(self, guide: "DiffusionModel | None") -> "DiffusionModel":
+        """`guide`, moved to this model's device, if it can guide this model: the same
+        schedule, timesteps, prediction, image shape and classes; ValueError otherwise."""
+        if guide is None:
+            raise ValueError("autoguidance needs a guide: this checkpoint keeps none (trained "
+                             "with --guide-at 0, or before it existed); name one with --guide "
+                             "CKPT, e.g. an early checkpoint of the same run")
+        mine, theirs = self.config, guide.config
+        for name in ("TIMESTEPS", "SCHEDULE_TYPE", "BETA_START", "BETA_END", "PREDICTION",
+                     "CHANNELS", "IMAGE_SIZE"):
+            if getattr(mine, name) != getattr(theirs, name):
+                raise ValueError(f"the guide does not fit this model: {name} "
+                                 f"{getattr(theirs, name)} against {getattr(mine, name)}")
+        if guide.conditional and mine.class_names != theirs.class_names:
+            raise ValueError(f"the guide's classes ({', '.join(theirs.class_names)}) are not "
+                             f"this model's ({', '.join(mine.class_names) or 'none'})")
+        return guide.to(self.scheduler.betas.device).eval().requires_grad_(False)
 
     def null_labels_like(self, labels: torch.Tensor) -> torch.Tensor:
         """"No class" in the form of `labels`: the null token, or one-hot weights on it."""
@@ -224,17 +303,24 @@ class DiffusionModel(nn.Module):
                eta: float = 0.0, seed: int = 0, first_index: int = 0, precision: str = "fp32",
                spacing: str = "auto", callback=None, progress: bool = False,
                labels: torch.Tensor | None = None, guidance: float = 1.0,
-               guidance_rescale: float = 0.0) -> torch.Tensor:
+               guidance_rescale: float = 0.0, autoguidance: float = 1.0,
+               guidance_interval: tuple | None = None,
+               guide: "DiffusionModel | None" = None) -> torch.Tensor:
         """Draw shape[0] images in [-1, 1]; by default with full T-step ancestral DDPM.
 
         Image k uses the noise of index first_index + k under `seed`, whatever the batch.
         labels (conditional models): the class of each image (see `denoiser`), sampled
         with classifier-free guidance of scale `guidance`; None draws unconditionally.
+        autoguidance A != 1 steers away from `guide` (default: `self.guide`, the
+        checkpoint's early snapshot); guidance_interval (lo, hi) limits both guidances to
+        those noise levels sigma (see `denoiser`).
         """
         device = self.scheduler.betas.device if device is None else torch.device(device)
         indices = range(first_index, first_index + shape[0])
         noise = PerSampleNoise(seed, indices, tuple(shape[1:]), device)
-        denoiser = self.denoiser(precision, labels, guidance, guidance_rescale)
+        denoiser = self.denoiser(precision, labels, guidance, guidance_rescale,
+                                 guide if guide is not None else self.guide, autoguidance,
+                                 guidance_interval)
         was_training = self.training
         self.eval()
         try:

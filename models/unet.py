@@ -108,10 +108,12 @@ class AttentionBlock(nn.Module):
 
 
 class DownBlock(nn.Module):
-    """Residual blocks at one resolution, then a stride-2 convolution.
+    """Residual blocks at one resolution that take in the time embedding.
 
-    forward(x, emb) -> (downsampled, skip): skip is the pre-downsampling feature map,
-    for the UpBlock at the same resolution.
+    forward(x, time_emb): x is (B, in_channels, H, W); returns the processed features
+    (B, out_channels, H, W). Its `downsample` (a stride-2 convolution, or the identity
+    with downsample=False) takes them to the next resolution: the UNet applies it after
+    keeping the features as the skip for the UpBlock at this resolution.
     """
 
     def __init__(self, in_channels: int, out_channels: int, time_embed_dim: int,
@@ -123,10 +125,10 @@ class DownBlock(nn.Module):
         self.downsample = (nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
                            if downsample else nn.Identity())
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         for block in self.res_blocks:
-            x = block(x, emb)
-        return self.downsample(x), x
+            x = block(x, time_emb)
+        return x
 
 
 class UpBlock(nn.Module):
@@ -135,8 +137,8 @@ class UpBlock(nn.Module):
     embedding. (Reducing the width in the upsampling convolution, rather than after it,
     saves about a sixth of the UNet's FLOPs at 28x28.)
 
-    forward(x, skip, emb): x is (B, in_channels, H, W), skip (B, skip_channels, 2H, 2W);
-    returns (B, out_channels, 2H, 2W).
+    forward(x, skip, time_emb): x is (B, in_channels, H, W), skip (B, skip_channels, 2H,
+    2W); returns (B, out_channels, 2H, 2W).
     """
 
     def __init__(self, in_channels: int, out_channels: int, time_embed_dim: int,
@@ -151,12 +153,12 @@ class UpBlock(nn.Module):
             ResBlock(first if i == 0 else out_channels, out_channels, time_embed_dim, dropout)
             for i in range(num_res_blocks))
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         if self.upsample:
             x = self.up_conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         x = torch.cat([x, skip], dim=1)
         for block in self.res_blocks:
-            x = block(x, emb)
+            x = block(x, time_emb)
         return x
 
 
@@ -241,10 +243,11 @@ class UNet(nn.Module):
         if self.patch_size > 1:
             x = F.pixel_unshuffle(x, self.patch_size)
         h = self.input_conv(x)
-        skips = []
+        skips = []  # each resolution's features, for the UpBlock at the same resolution
         for block in self.down_blocks:
-            h, skip = block(h, emb)
-            skips.append(skip)
+            h = block(h, emb)
+            skips.append(h)
+            h = block.downsample(h)
         h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb)), emb)
         for block in self.up_blocks:
             h = block(h, skips.pop(), emb)

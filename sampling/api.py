@@ -43,11 +43,15 @@ def load_model(checkpoint_path="pretrained", device=None, ema: bool = True) -> D
 
 
 def settings_for(model: DiffusionModel, sampler=None, steps=None, eta=None, spacing=None,
-                 guidance=None, guidance_rescale: float = 0.0,
-                 precision: str = "fp32") -> SamplingSettings:
-    """`sampling.settings.resolve` with this model's checkpoint settings as defaults."""
+                 guidance=None, guidance_rescale: float = 0.0, precision: str = "fp32",
+                 autoguidance: float | None = None,
+                 guidance_interval: tuple | None = None) -> SamplingSettings:
+    """`sampling.settings.resolve` with this model's checkpoint settings as defaults; a
+    checkpoint's default autoguidance applies only where it keeps a guide."""
+    if autoguidance is None and model.guide is None:
+        autoguidance = 1.0
     return resolve(model.config, sampler, steps, eta, spacing, guidance, guidance_rescale,
-                   precision, model.scheduler.betas.device)
+                   precision, model.scheduler.betas.device, autoguidance, guidance_interval)
 
 
 def _available_memory() -> int | None:
@@ -74,16 +78,17 @@ def check_memory(count: int, image_shape: tuple, flag: str = "--num-samples") ->
 
 def draw(model: DiffusionModel, count: int, settings: SamplingSettings,
          classes: list[int] | None = None, seed: int = 0, batch_size: int = 500,
-         progress: bool = True) -> torch.Tensor | None:
+         progress: bool = True, guide: DiffusionModel | None = None) -> torch.Tensor | None:
     """Images 0 .. count-1 of (seed, classes) on the CPU. Under torchrun each process
-    draws its share and rank 0 gets them all (the others get None)."""
+    draws its share and rank 0 gets them all (the others get None). guide: autoguidance's
+    (default: the model's own)."""
     check_memory(count, model.image_shape)
     part = dist.local_slice(count)
     labels = labels_for(classes, count)
     images = model.generate(part.stop - part.start, first_index=part.start,
                             batch_size=batch_size, progress=progress and dist.is_main(),
                             labels=None if labels is None else labels[part], seed=seed,
-                            **settings.sample_kwargs())
+                            guide=guide, **settings.sample_kwargs())
     if not torch.isfinite(images).all():
         raise ConfigError("the model produced non-finite images: its weights are damaged "
                           "(use an earlier checkpoint of the run)")
@@ -99,7 +104,7 @@ def save_grid(images: torch.Tensor, nrow: int, names: list[str] | None, path):
 
 def _show(images: torch.Tensor, nrow: int, title: str) -> None:
     if display_available():
-        plot_images(images, title, nrow=nrow, show=True)
+        plot_images(images, title, nrow=nrow, figsize=None, show=True)
 
 
 def generate_images(model, num_samples: int, device=None, save_path=None,
@@ -107,21 +112,25 @@ def generate_images(model, num_samples: int, device=None, save_path=None,
                     steps: int | None = None, eta: float | None = None, seed: int = 0,
                     batch_size: int = 500, precision: str = "fp32", progress: bool = True,
                     digits: list | None = None, guidance: float | None = None,
-                    guidance_rescale: float = 0.0):
+                    guidance_rescale: float = 0.0, autoguidance: float | None = None,
+                    guide=None, guidance_interval: tuple | None = None):
     """Draw `num_samples` images: a (N, C, H, W) tensor in [-1, 1], on the CPU.
 
     Sampler, steps and eta default to the checkpoint's settings; image i depends only on
     (seed, i) (and on its class). digits: the classes to draw (a conditional checkpoint;
     indices or names; default all): image i draws digits[i mod k], with classifier-free
     guidance of scale `guidance` (default: the checkpoint's); the PNG then has one row per
-    class. save_path writes a PNG grid; show_images draws the grid where a display exists
-    (a notebook, a desktop) and does nothing on a headless machine."""
+    class. autoguidance A (default: the checkpoint's, where it keeps a guide; 1 = off)
+    steers away from `guide` (default: `model.guide`, the run's early snapshot; or any
+    `load_model(...)` of the same schedule); guidance_interval (lo, hi) limits guidance to
+    those noise levels. save_path writes a PNG grid; show_images draws the grid where a
+    display exists (a notebook, a desktop) and does nothing on a headless machine."""
     if device is not None:
         model = model.to(device)
     classes = choose_classes(model.config, digits, "digits")
     settings = settings_for(model, sampler, steps, eta, None, guidance, guidance_rescale,
-                            precision)
-    images = draw(model, num_samples, settings, classes, seed, batch_size, progress)
+                            precision, autoguidance, guidance_interval)
+    images = draw(model, num_samples, settings, classes, seed, batch_size, progress, guide)
     if images is None:  # not rank 0 of several processes
         return None
     shown, nrow = arrange(images, classes)
@@ -273,12 +282,21 @@ def forward_process(model, images: torch.Tensor, save_path=None,
     return visualize_diffusion_process(model, x0, shown, save_path=save_path)
 
 
-def test_set(model, data_dir=None, download: bool = True):
-    """The test split of the model's dataset: (uint8 images (N, C, H, W), labels (N,))."""
-    config = model.config
+def dataset_of(config, data_dir=None, download: bool = True, log=print):
+    """The dataset a checkpoint (its `config`) was trained on, found in data_dir (default:
+    where it was) and checked against what the checkpoint recorded: other classes are a
+    DataMismatchError (one line naming both lists), changed content a printed note."""
     dataset = open_dataset(config.DATASET, data_dir or config.DATA_DIR or None, download,
                            config.CHANNELS, config.IMAGE_SIZE)
-    return dataset.load("test")
+    note = dataset.check_recorded(config.CLASS_NAMES, config.DATA_FINGERPRINT, "the checkpoint")
+    if note:
+        log(note)
+    return dataset
+
+
+def test_set(model, data_dir=None, download: bool = True):
+    """The test split of the model's dataset: (uint8 images (N, C, H, W), labels (N,))."""
+    return dataset_of(model.config, data_dir, download).load("test")
 
 
 def test_images(model, indices, data_dir=None, download: bool = True,

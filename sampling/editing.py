@@ -65,18 +65,33 @@ def make_mask(name: str, count: int, side: int, seed: int = 0) -> torch.Tensor:
 
 
 def load_mask(path, side: int) -> torch.Tensor:
-    """A mask from a greyscale PNG of side x side pixels: white (>= 128) = known."""
+    """A mask from a PNG of side x side pixels: white (>= 128) = known, dark = hidden; in a
+    picture with transparency, transparent (alpha < 128) = hidden, whatever its colour (as
+    image editors mark the part to redraw). A mask that hides nothing, or everything, is a
+    ConfigError: the first would return the image, the second is plain sampling."""
     path = Path(path)
     try:
         with Image.open(path) as picture:
-            array = np.asarray(picture.convert("L"))
+            if picture.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in picture.info:
+                array = np.asarray(picture.convert("RGBA"))[..., 3]
+                what = "its transparent pixels"
+            else:
+                array = np.asarray(picture.convert("L"))
+                what = "its dark pixels"
     except (OSError, ValueError) as error:
         raise ConfigError(f"--mask {path} cannot be read as an image ({type(error).__name__})") \
             from None
     if array.shape != (side, side):
         raise ConfigError(f"--mask {path} is {array.shape[1]}x{array.shape[0]} pixels; the "
                           f"model's images are {side}x{side}")
-    return torch.from_numpy((array >= 128).astype(np.float32))[None, None]
+    known = array >= 128
+    if known.all():
+        raise ConfigError(f"--mask {path} hides nothing ({what} mark the part to redraw, and it "
+                          f"has none): inpainting would return the image unchanged")
+    if not known.any():
+        raise ConfigError(f"--mask {path} hides every pixel: that is drawing a new image, not "
+                          f"completing one (python generate.py, or --edit --strength 1)")
+    return torch.from_numpy(known.astype(np.float32))[None, None]
 
 
 def check_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@
   square-ish grid at most 10 wide.
 - `default_count`: 10 images per class asked for, 100 without classes.
 - `choose_classes`: a conditional model draws the classes asked for, or all of them; an
-  unconditional one refuses to be asked.
+  unconditional one refuses to be asked; `parse_classes` reads them as typed (7, 0-9, names).
 """
 from __future__ import annotations
 
@@ -34,26 +34,35 @@ class SamplingSettings:
     guidance: float = 1.0
     guidance_rescale: float = 0.0
     precision: str = "fp32"
+    autoguidance: float = 1.0
+    interval: tuple | None = None  # (lo, hi]: the noise levels sigma where guidance acts
 
     @property
     def label(self) -> str:
-        """'dpm-solver-20-eta1', 'ddpm-1000', 'ddim-50-quadratic': names of output files."""
+        """'dpm-solver-20-eta1', 'ddpm-1000', 'ddim-50-quadratic', 'dpm-solver-20-eta1-ag2':
+        names of output files."""
         text = f"{self.sampler}-{self.steps}"
         if self.sampler != "ddpm":
             text += (f"-eta{self.eta:g}" if self.eta else "") + (
                 f"-{self.spacing}" if self.spacing != "auto" else "")
+        if self.autoguidance != 1:
+            text += f"-ag{self.autoguidance:g}"
+        if self.interval:
+            text += f"-in{self.interval[0]:g}-{self.interval[1]:g}"
         return text
 
     def network_evaluations(self, conditional: bool) -> int:
-        """Network evaluations per image: two a step under guidance other than 0 or 1."""
+        """Network evaluations per image (the guide's counted as the model's): two a step
+        under guidance other than 0 or 1, one more with autoguidance."""
         doubled = conditional and self.guidance not in (0, 1)
-        return self.steps * (2 if doubled else 1)
+        return self.steps * ((2 if doubled else 1) + (self.autoguidance != 1))
 
     def sample_kwargs(self) -> dict:
         """The keyword arguments of DiffusionModel.sample / generate."""
         return dict(sampler=self.sampler, steps=self.steps, eta=self.eta, spacing=self.spacing,
                     precision=self.precision, guidance=self.guidance,
-                    guidance_rescale=self.guidance_rescale)
+                    guidance_rescale=self.guidance_rescale, autoguidance=self.autoguidance,
+                    guidance_interval=self.interval)
 
     def deterministic(self) -> "SamplingSettings":
         """The same settings without sampling noise (eta 0); ddpm, which is stochastic by
@@ -73,7 +82,8 @@ def resolve_precision(precision: str, device) -> str:
 def resolve(config: Config, sampler: str | None = None, steps: int | None = None,
             eta: float | None = None, spacing: str | None = None, guidance: float | None = None,
             guidance_rescale: float = 0.0, precision: str = "fp32",
-            device="cpu") -> SamplingSettings:
+            device="cpu", autoguidance: float | None = None,
+            interval: tuple | None = None) -> SamplingSettings:
     """What to sample with: each value as asked, else the checkpoint's (`config`).
 
     ddpm is ancestral sampling over every timestep: it takes all TIMESTEPS steps, and
@@ -92,7 +102,9 @@ def resolve(config: Config, sampler: str | None = None, steps: int | None = None
                             spacing=spacing or config.SPACING,
                             guidance=config.GUIDANCE if guidance is None else guidance,
                             guidance_rescale=guidance_rescale,
-                            precision=resolve_precision(precision, device))
+                            precision=resolve_precision(precision, device),
+                            autoguidance=config.AUTOGUIDANCE if autoguidance is None
+                            else autoguidance, interval=tuple(interval) if interval else None)
 
 
 def for_training(config: Config) -> SamplingSettings:
@@ -175,3 +187,23 @@ def format_classes(config: Config, classes: list[int]) -> str:
     if classes == list(range(config.num_classes)):
         return f"0-{config.num_classes - 1}" if config.DATASET == "mnist" else "all classes"
     return ", ".join(config.class_names[c] for c in classes)
+
+
+def parse_classes(tokens: list[str]) -> list:
+    """['7'] -> [7]; ['0-9'] -> [0, ..., 9]; ['1', '4', '9'] -> [1, 4, 9]; a name such as
+    'Sneaker' stays a name (checked against the checkpoint's classes later). ValueError
+    names a range that is not one."""
+    classes = []
+    for token in tokens:
+        low, dash, high = token.partition("-")
+        if low.isdigit() and (not dash or high.isdigit()):
+            first, last = int(low), int(high if dash else low)
+            if first > last:
+                raise ValueError(f"--digit {token}: a range goes up, e.g. {last}-{first}")
+            classes += range(first, last + 1)
+        elif low.isdigit() and dash:
+            raise ValueError(f"--digit {token}: expected a class 0-9, a range such as 0-9, or "
+                             f"a list such as 1 4 9")
+        else:
+            classes.append(token)
+    return classes

@@ -47,10 +47,10 @@ def quick_evaluator(mnist):
 @pytest.fixture
 def shared_evaluator(monkeypatch, quick_evaluator):
     """The scripts' and the trainer's evaluations use the session's Evaluator."""
-    import generate
+    from sampling import jobs
     from training import trainer
 
-    monkeypatch.setattr(generate, "make_evaluator_factory",
+    monkeypatch.setattr(jobs, "make_evaluator_factory",
                         lambda args, progress: (lambda config: quick_evaluator))
     monkeypatch.setattr(trainer, "Evaluator", lambda *a, **k: quick_evaluator)
     return quick_evaluator

@@ -18,8 +18,10 @@ def test_time_embedding_shape_and_values():
 def test_blocks_change_resolution_as_documented():
     emb = torch.randn(2, 16)
     down = DownBlock(8, 12, 16)
-    h, skip = down(torch.randn(2, 8, 28, 28), emb)
-    assert h.shape == (2, 12, 14, 14) and skip.shape == (2, 12, 28, 28)
+    skip = down(torch.randn(2, 8, 28, 28), emb)
+    assert skip.shape == (2, 12, 28, 28)  # features at the same resolution
+    h = down.downsample(skip)  # the UNet takes them down a resolution
+    assert h.shape == (2, 12, 14, 14)
     up = UpBlock(12, 8, 16, skip_channels=12)
     assert up(h, skip, emb).shape == (2, 8, 28, 28)
 

@@ -118,3 +118,51 @@ def test_min_snr_weights(linear):
     snr = linear.snr[t]
     assert torch.allclose(w, snr.clamp(max=5.0) / snr)
     assert w[0].item() < 1e-2 and w[2].item() == pytest.approx(1.0)
+
+
+def test_edm_preconditioning(linear):
+    """EDM's c_skip, c_out and c_in (Karras et al. 2022, Table 1) on the VP schedule: the
+    exact target gives back x0, the network sees unit variance, and sigma_data = 1 would
+    be v-prediction (F = -v)."""
+    from utils.noise_scheduler import EDM_SIGMA_DATA
+
+    g = torch.Generator().manual_seed(0)
+    x0 = EDM_SIGMA_DATA * torch.randn(4096, 1, 2, 2, generator=g)  # zero mean, std sigma_data
+    noise = torch.randn(x0.shape, generator=g)
+    for t in (0, 100, 400, 700, 999):
+        tt = torch.full((x0.shape[0],), t)
+        xt, _ = linear.add_noise(x0, tt, noise)
+        target = linear.training_target(x0, noise, tt, "edm")
+        back, eps = linear.split_model_output(xt, tt, target, "edm", clip_x0=False)
+        torch.testing.assert_close(back, x0, atol=2e-3, rtol=1e-3)
+        assert linear.network_input(xt, tt, "edm").std().item() == pytest.approx(1.0, abs=0.05)
+        assert target.std().item() == pytest.approx(1.0, abs=0.05)  # a unit-variance target
+    sigma = math.exp(linear.log_sigmas[500].item())
+    c_out = sigma * EDM_SIGMA_DATA / math.sqrt(sigma ** 2 + EDM_SIGMA_DATA ** 2)
+    assert linear.edm_c_out[500].item() == pytest.approx(c_out, rel=1e-5)
+
+
+def test_sigmoid_weighting_integrates_sigmoid_over_log_snr(linear):
+    """Kingma & Gao's weighting: summed over the timesteps whose log-SNR lies in [l1, l2],
+    the weights are the integral of sigmoid(b - lambda) over it (their share of the whole)."""
+    from utils.noise_scheduler import SIGMOID_BIAS
+
+    t = torch.arange(1000)
+    weights = linear.loss_weight(t, "eps", "sigmoid").double()
+    assert weights.mean().item() == pytest.approx(1.0, rel=1e-6)
+    lam = torch.log(linear.snr.double())
+
+    def integral(l1, l2):  # of sigmoid(b - lambda) d lambda = softplus(b - l1) - softplus(b - l2)
+        return (torch.nn.functional.softplus(torch.tensor(SIGMOID_BIAS - l1, dtype=torch.float64))
+                - torch.nn.functional.softplus(torch.tensor(SIGMOID_BIAS - l2, dtype=torch.float64))).item()
+
+    whole = integral(lam.min().item(), lam.max().item())
+    for l1, l2 in ((-5.0, 0.0), (0.0, 3.0), (-8.0, 6.0)):
+        inside = (lam >= l1) & (lam < l2)
+        assert weights[inside].sum().item() / weights.sum().item() == \
+            pytest.approx(integral(l1, l2) / whole, rel=0.02)
+    # the v error is the eps error / sqrt(abar): its weight carries abar
+    torch.testing.assert_close(linear.loss_weight(t, "v", "sigmoid"),
+                               linear.loss_weight(t, "eps", "sigmoid") * linear.alphas_cumprod)
+    with pytest.raises(ValueError, match="edm has its own"):
+        linear.loss_weight(t, "edm", "sigmoid")

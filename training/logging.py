@@ -32,6 +32,7 @@ import torch
 from torchvision.utils import make_grid
 
 from config import Config
+from utils.errors import UsageError
 from utils.files import atomic_write, save_json
 from utils.visualization import (plot_loss, plot_training_curves, save_images,
                                  save_labelled_grid)
@@ -122,6 +123,9 @@ class TensorBoardLogger(RunLogger):
         self._last_image: dict[str, int] = {}
 
     def start(self, run: RunInfo) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UsageError(f"--log tensorboard writes its event files into the folder "
+                             f"{self.folder}, but a file has that name; move it away")
         # imported here, not at the top: the package is optional and takes a second to load
         from torch.utils.tensorboard import SummaryWriter
 

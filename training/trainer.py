@@ -22,6 +22,7 @@ import inspect
 import math
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -76,7 +77,9 @@ def with_dataset_classes(config: Config, dataset: Dataset) -> Config:
         raise ConfigError(f"--conditional needs a dataset with classes; {dataset.title} has "
                           f"none (put its images in one subfolder per class), or train with "
                           f"--no-conditional")
-    return config.replace(CLASS_NAMES=dataset.class_names)
+    data_dir = str(dataset.root.resolve()) if dataset.name == "folder" else config.DATA_DIR
+    return config.replace(CLASS_NAMES=dataset.class_names, DATA_FINGERPRINT=dataset.fingerprint,
+                          DATA_DIR=data_dir)  # a folder's by its full path: found from anywhere
 
 
 class Trainer:
@@ -91,6 +94,11 @@ class Trainer:
         self.dataset = open_training_data(config)
         if resume is None:
             config = with_dataset_classes(config, self.dataset)
+        else:  # the data met now must be the data the run started on
+            note = self.dataset.check_recorded(config.CLASS_NAMES, config.DATA_FINGERPRINT,
+                                               "the run being resumed")
+            if note:
+                log(note + "; training goes on with it")
         self._config = config
         self._ema_decay = EmaSchedule(config)
 
@@ -122,6 +130,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.elapsed = 0.0  # seconds spent in training steps, summed over resumes
         self.stretches: list[dict] = []  # {"step", "world_size"} where each stretch of training began
+        self.guide_step: int | None = None  # the step of the EMA snapshot kept as autoguidance's guide
         if resume is not None:
             self.load_state(resume)
         self._fraction = self.budget_fraction(self.elapsed)  # of the budget used; drives the lr
@@ -438,9 +447,24 @@ class Trainer:
             float(self._stop_signal is not None), float(bool(limit) and seconds >= limit),
             self.budget_fraction(seconds))
         self.timed_out = bool(timed_out)
+        if self.guide_step is None and self._config.GUIDE_AT and self._fraction >= self._config.GUIDE_AT:
+            self.keep_guide()
         if stop and self._stop_signal is None:
             self._stop_signal = "SIGTERM"  # another process got it
         return bool(stop)
+
+    def keep_guide(self) -> None:
+        """Keep the EMA weights as they are now as autoguidance's guide (Karras et al. 2024:
+        a weaker version of the model, here the same one early in its training): the
+        checkpoint carries them, `load_model` gives them as `model.guide`."""
+        guide = copy.deepcopy(self.ema)
+        self.ema.set_guide(guide)
+        self.guide_step = self.step
+
+    def sampling_settings(self):
+        """The run's sampling settings, without autoguidance while it has no guide yet."""
+        settings = for_training(self._config)
+        return settings if self.ema.guide is not None else replace(settings, autoguidance=1.0)
 
     def _flush(self, since: float, images_done: int = 0, bar=None) -> float:
         """Read the pending losses back (one sync), check for divergence, report them to
@@ -556,7 +580,9 @@ class Trainer:
         self.log(f"done: {self.step} steps ({summary['epoch']:.2f} epochs) in "
                  f"{self.elapsed:.0f} s of training; loss {summary['final_loss']:.4f}\n"
                  f"  checkpoint: {latest}\n  samples:    {grid}\n"
-                 f"  loss curve: {Path(cfg.OUTPUT_DIR) / 'loss.png'}")
+                 f"  loss curve: {Path(cfg.OUTPUT_DIR) / 'loss.png'}"
+                 + (f"\n  TensorBoard: tensorboard --logdir {Path(cfg.OUTPUT_DIR) / 'tb'}"
+                    if cfg.LOG == "tensorboard" else ""))
         return summary
 
     def close(self) -> None:
@@ -574,6 +600,12 @@ class Trainer:
             self.log(f"warning: could not write {what} to {where}: "
                      f"{ckpt.write_failure(error, Path(self._config.OUTPUT_DIR))}; training goes on")
             return None
+        except (ResourceError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # a picture that cannot be drawn must not cost the run
+            self.log(f"warning: could not write {what} ({type(error).__name__}: "
+                     f"{first_line(error, 120)}); training goes on")
+            return None
 
     def save_samples(self, name: str) -> Path | None:
         """A grid of EMA samples (one row per class of a conditional run), to the loggers;
@@ -585,7 +617,7 @@ class Trainer:
             self._grid = (self.step, self.ema.sample(
                 (count, *self.ema.image_shape), seed=cfg.SEED,
                 labels=labels_for(classes, count, device=self.device),
-                **for_training(cfg).sample_kwargs()))
+                **self.sampling_settings().sample_kwargs()))
         shown, nrow = arrange(self._grid[1], classes)
         names = row_labels(cfg, classes)
         paths = [logger.images(self.step, name, shown, nrow, names) for logger in self.loggers]
@@ -606,7 +638,7 @@ class Trainer:
         in the history; None (and a warning) if the evaluation failed."""
         cfg = self._config
         count = num_samples or cfg.EVAL_SAMPLES
-        settings = for_training(cfg)
+        settings = self.sampling_settings()
         classes = list(range(cfg.num_classes)) or None
         part = dist.local_slice(count)  # each process draws its share of the images
         images = self.ema.generate(part.stop - part.start, first_index=part.start,
@@ -666,6 +698,8 @@ class Trainer:
             "generator": self.generator.get_state(),
             "stretches": self.stretches,
             "rng": capture_rng_state(),
+            **({"guide": self.ema.guide.state_dict(), "guide_step": self.guide_step}
+               if self.ema.guide is not None else {}),
         }
 
     def save_shared(self, path: Path) -> Path:
@@ -716,6 +750,10 @@ class Trainer:
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         self.elapsed = float(state.get("elapsed", 0.0))
         self.stretches = [dict(s) for s in state.get("stretches", [])]
+        if isinstance(state.get("guide"), dict):
+            self.keep_guide()
+            self.ema.guide.load_state_dict(state["guide"])
+            self.guide_step = int(state["guide_step"])
         try:
             self.generator.set_state(state["generator"].cpu())
         except RuntimeError:  # saved on another kind of device: a fresh stream, seeded

@@ -8,6 +8,8 @@ and in memory, float in [-1, 1] in the model.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from PIL import Image
 from torchvision import transforms
@@ -35,6 +37,26 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def as_image_batch(images: torch.Tensor) -> torch.Tensor:
     """(N, H, W) greyscale -> (N, 1, H, W); (N, C, H, W) as it is."""
     return images.unsqueeze(1) if images.dim() == 3 else images
+
+
+def get_mnist_dataloader(data_dir="./data", batch_size: int = 128, train: bool = True,
+                         download: bool = True, shuffle: bool | None = None,
+                         num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """MNIST as a DataLoader of (images (B, 1, 28, 28) in [-1, 1], labels (B,)), through
+    torchvision's per-image transforms: the design's loader, for notebooks and one's own
+    loops (the trainer batches from memory instead, `InMemoryBatcher`).
+
+    data_dir: where MNIST/raw is; "./data" (the design's default), when the working folder
+    has no MNIST there, means the repo's own data/ (the shipped files), so this works from
+    any folder. train: the 60,000 training digits, else the 10,000 test digits (shuffled
+    unless `shuffle` says otherwise only when training). Missing files without a network
+    raise DataNotFoundError naming the four files and where they go."""
+    folder = None if data_dir in (None, "", "./data", "data") and not \
+        (Path(data_dir or "data") / "MNIST" / "raw").is_dir() else data_dir
+    images, labels = open_dataset("mnist", folder, download).load("train" if train else "test")
+    return torch.utils.data.DataLoader(_PerImage(images, labels), batch_size=batch_size,
+                                       shuffle=train if shuffle is None else shuffle,
+                                       num_workers=num_workers)
 
 
 class InMemoryBatcher:

@@ -19,7 +19,10 @@ from torch import nn
 SCHEDULES = ("linear", "cosine")
 TIMESTEP_DISTRIBUTIONS = ("uniform", "lognormal")
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
-PREDICTIONS = ("eps", "v")
+EDM_SIGMA_DATA = 0.5  # EDM's sigma_data for images in [-1, 1] (Karras et al. 2022, Table 1)
+SIGMOID_BIAS = 2.0  # b of the sigmoid weighting sigmoid(b - lambda) (Kingma & Gao 2023)
+PREDICTIONS = ("eps", "v", "edm")
+WEIGHTINGS = ("none", "min-snr", "sigmoid")
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -80,6 +83,8 @@ class NoiseScheduler(nn.Module):
             # sigma_t = sqrt((1 - abar_t) / abar_t), the noise level of x_t / sqrt(abar_t)
             # (EDM's sigma of this VP schedule); log sigma increases with t.
             "log_sigmas": 0.5 * torch.log((1.0 - alphas_cumprod) / alphas_cumprod),
+            **self._edm_tables(alphas_cumprod),
+            **self._sigmoid_weights(alphas_cumprod),
         }
         for name, value in tables.items():
             self.register_buffer(name, value.float(), persistent=False)
@@ -101,6 +106,34 @@ class NoiseScheduler(nn.Module):
         alpha_bar = f / f[0]
         betas = 1.0 - alpha_bar[1:] / alpha_bar[:-1]
         return betas.clamp(max=max_beta)
+
+    @staticmethod
+    def _edm_tables(alphas_cumprod: torch.Tensor) -> dict:
+        """EDM's preconditioning (Karras et al. 2022, Table 1) on this VP schedule. With
+        sigma_t = sqrt((1 - abar) / abar), x_t / sqrt(abar) = x_0 + sigma_t eps is EDM's noisy
+        image; the network F sees c_in times it, and the denoised image is
+            x_0 = c_skip x_t / sqrt(abar) + c_out F,
+        c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
+        c_in = 1 / sqrt(sigma^2 + sd^2), sd = sigma_data. (With sd = 1 this is v-prediction,
+        F = -v.) EDM's loss weight 1 / c_out^2 on x_0 is a unit weight on F's error. The
+        network's noise input c_noise stays the timestep t, a function of sigma alone."""
+        sigma2 = (1.0 - alphas_cumprod) / alphas_cumprod
+        sd2 = EDM_SIGMA_DATA ** 2
+        return {"edm_c_skip_scaled": sd2 / (sigma2 + sd2) / alphas_cumprod.sqrt(),  # c_skip / sqrt(abar)
+                "edm_c_out": sigma2.sqrt() * EDM_SIGMA_DATA / (sigma2 + sd2).sqrt(),
+                "edm_c_in_scaled": 1.0 / ((sigma2 + sd2) * alphas_cumprod).sqrt()}  # c_in / sqrt(abar)
+
+    @staticmethod
+    def _sigmoid_weights(alphas_cumprod: torch.Tensor) -> dict:
+        """Kingma & Gao 2023's sigmoid weighting for uniform timesteps: the loss
+        integral of w(lambda) ||eps_err||^2 d lambda, w = sigmoid(b - lambda), lambda = log SNR,
+        as a weight per timestep on the eps error: w(lambda_t) times the width in lambda of
+        timestep t (uniform t samples lambda unevenly), normalised to mean 1."""
+        lam = torch.log(alphas_cumprod / (1.0 - alphas_cumprod))
+        padded = torch.cat([lam[:1] + (lam[0] - lam[1]), lam, lam[-1:] - (lam[-2] - lam[-1])])
+        width = (padded[:-2] - padded[2:]) / 2  # central difference, positive (lam decreases)
+        weight = torch.sigmoid(SIGMOID_BIAS - lam) * width
+        return {"sigmoid_eps_weight": weight / weight.mean()}
 
     # ----- q(x_t | x_0) -----
     def sample_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None,
@@ -161,12 +194,22 @@ class NoiseScheduler(nn.Module):
         return (extract(self.sqrt_alphas_cumprod, t, xt.shape) * xt
                 - extract(self.sqrt_one_minus_alphas_cumprod, t, xt.shape) * v)
 
+    def network_input(self, xt, t, prediction: str = "eps"):
+        """What the network sees of x_t: x_t itself, or for 'edm' c_in x_t / sqrt(abar)."""
+        if prediction == "edm":
+            return extract(self.edm_c_in_scaled, t, xt.shape) * xt
+        return xt
+
     def training_target(self, x0, noise, t, prediction: str = "eps"):
         """What the network is trained to output for x_t = add_noise(x0, t, noise)."""
         if prediction == "eps":
             return noise
         if prediction == "v":
             return self.get_velocity(x0, noise, t)
+        if prediction == "edm":  # F = (x_0 - c_skip (x_0 + sigma eps)) / c_out, see _edm_tables
+            xt, _ = self.add_noise(x0, t, noise)
+            return ((x0 - extract(self.edm_c_skip_scaled, t, x0.shape) * xt)
+                    / extract(self.edm_c_out, t, x0.shape))
         raise ValueError(f"unknown prediction {prediction!r}; expected one of {', '.join(PREDICTIONS)}")
 
     def split_model_output(self, xt, t, output, prediction: str = "eps", clip_x0: bool = True):
@@ -178,6 +221,10 @@ class NoiseScheduler(nn.Module):
         elif prediction == "v":
             x0 = self.predict_x0_from_v(xt, t, output)
             eps = self.predict_eps_from_x0(xt, t, x0)
+        elif prediction == "edm":
+            x0 = (extract(self.edm_c_skip_scaled, t, xt.shape) * xt
+                  + extract(self.edm_c_out, t, xt.shape) * output)
+            eps = self.predict_eps_from_x0(xt, t, x0)
         else:
             raise ValueError(f"unknown prediction {prediction!r}; expected one of {', '.join(PREDICTIONS)}")
         if clip_x0:
@@ -186,15 +233,26 @@ class NoiseScheduler(nn.Module):
         return x0, eps
 
     def loss_weight(self, t, prediction: str = "eps", weighting: str = "none", gamma: float = 5.0):
-        """Per-sample loss weights, shape (B,). 'min-snr' is Hang et al. 2023:
-        min(SNR, gamma) / SNR for eps targets, min(SNR, gamma) / (SNR + 1) for v targets."""
+        """Per-sample weights, shape (B,), of the squared error of the network's output.
+
+        'min-snr' is Hang et al. 2023: min(SNR, gamma) / SNR for eps targets,
+        min(SNR, gamma) / (SNR + 1) for v targets. 'sigmoid' is Kingma & Gao 2023 (see
+        _sigmoid_weights), converted from the eps error to the output's: the v error is the
+        eps error / sqrt(abar), so its weight carries a factor abar (eps-prediction only
+        and v-prediction: EDM's F has a weighting of its own)."""
         if weighting == "none":
             return torch.ones(t.shape, device=self.betas.device)
-        if weighting == "min-snr":
-            snr = self.snr.gather(0, t.to(self.betas.device).long())
+        t = t.to(self.betas.device).long()
+        if weighting == "min-snr" and prediction in ("eps", "v"):
+            snr = self.snr.gather(0, t)
             clipped = snr.clamp(max=gamma)
             return clipped / snr if prediction == "eps" else clipped / (snr + 1.0)
-        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of none, min-snr")
+        if weighting == "sigmoid" and prediction in ("eps", "v"):
+            weight = self.sigmoid_eps_weight.gather(0, t)
+            return weight if prediction == "eps" else weight * self.alphas_cumprod.gather(0, t)
+        raise ValueError(f"unknown loss weighting {weighting!r} for {prediction}-prediction; "
+                         f"expected one of {', '.join(WEIGHTINGS)} (min-snr and sigmoid: eps "
+                         f"or v; edm has its own)")
 
     # ----- q(x_{t-1} | x_t, x_0) -----
     def q_posterior(self, x0, xt, t):

@@ -25,6 +25,9 @@ from utils.data_loader import denormalize_images  # noqa: E402
 from utils.files import atomic_write  # noqa: E402
 
 
+PADDING = 2  # pixels between the images of a grid (and around it)
+
+
 def _figure(figsize, ncols: int = 1):
     """A figure outside pyplot's registry: closing pyplot figures runs the garbage
     collector (a third of a second in a process holding a model), written ones need none."""
@@ -45,7 +48,7 @@ def grid_image(images: torch.Tensor, nrow: int = 8, normalize: bool = True,
         images = images.unsqueeze(1)
     if normalize:
         images = denormalize_images(images)
-    grid = make_grid(images.clamp(0, 1), nrow=nrow, padding=2, pad_value=0.35)
+    grid = make_grid(images.clamp(0, 1), nrow=nrow, padding=PADDING, pad_value=0.35)
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     picture = Image.fromarray(array[:, :, 0] if images.shape[1] == 1 else array)
     if scale > 1:
@@ -60,11 +63,15 @@ def save_images(images: torch.Tensor, filepath, nrow: int = 8, normalize: bool =
     return atomic_write(filepath, lambda tmp: picture.save(tmp, format="PNG"))
 
 
-def plot_images(images: torch.Tensor, title: str = "", nrow: int = 8, normalize: bool = True,
-                save_path=None, show: bool = False):
-    """Draw images as a grid in a matplotlib figure; save it and/or show it."""
+def plot_images(images: torch.Tensor, title: str = "", nrow: int = 4, figsize=(10, 10),
+                normalize: bool = True, save_path=None, show: bool = False):
+    """Draw (N, C, H, W) images as a grid of `nrow` per row in a matplotlib figure of
+    `figsize` inches (None: sized to the grid); save it and/or show it. normalize=True
+    maps [-1, 1] to [0, 1]. Returns the grid as a PIL image."""
     picture = grid_image(images, nrow, normalize, scale=1)
-    fig, ax = plt.subplots(figsize=(max(3, picture.width / 40), max(3, picture.height / 40)))
+    if figsize is None:
+        figsize = (max(3, picture.width / 40), max(3, picture.height / 40))
+    fig, ax = plt.subplots(figsize=figsize)
     ax.imshow(np.asarray(picture), cmap="gray", vmin=0, vmax=255)
     ax.set_title(title)
     ax.axis("off")
@@ -158,13 +165,14 @@ def save_labelled_grid(images: torch.Tensor, save_path, ncol: int, column_labels
     """A grid (row-major, `ncol` per row) with a label over each column (and, if given,
     beside each row), via matplotlib."""
     picture = np.asarray(grid_image(images, nrow=ncol, scale=1))
-    cell = picture.shape[1] / ncol
-    fig, ax = _figure((max(4.0, 0.75 * ncol), 0.75 * picture.shape[0] / cell + 0.6))
+    cell = (picture.shape[1] - PADDING) / ncol  # an image and the padding after it
+    rows = round((picture.shape[0] - PADDING) / cell)
+    centre = PADDING + (cell - PADDING) / 2
+    fig, ax = _figure((max(4.0, 0.75 * ncol), 0.75 * rows + 0.6))
     ax.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_xticks([cell * (i + 0.5) for i in range(ncol)], column_labels, fontsize=8)
+    ax.set_xticks([centre + cell * i for i in range(ncol)], column_labels, fontsize=8)
     ax.xaxis.tick_top()
-    rows = picture.shape[0] / cell
-    ax.set_yticks([cell * (i + 0.5) for i in range(round(rows))] if row_labels else [],
+    ax.set_yticks([centre + cell * i for i in range(rows)] if row_labels else [],
                   row_labels or [], fontsize=8)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
@@ -177,8 +185,8 @@ def save_labelled_grid(images: torch.Tensor, save_path, ncol: int, column_labels
 
 
 @torch.no_grad()
-def visualize_diffusion_process(model, x0: torch.Tensor, timesteps_to_show=(0, 50, 100, 200,
-                                                                            400, 600, 800, 999),
+def visualize_diffusion_process(model, x0: torch.Tensor,
+                                timesteps_to_show=(0, 100, 300, 500, 700, 999),
                                 save_path=None, seed: int = 0) -> torch.Tensor:
     """The forward process q(x_t | x_0): one row per image of x0, one column per timestep.
 

@@ -30,6 +30,10 @@ class DataDamagedError(DataError):
     """A dataset file is there but corrupt, truncated or not the published file."""
 
 
+class DataMismatchError(DataError):
+    """The data found is not the data a checkpoint was trained on (other classes)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
     name: str  # the registry's key, as --dataset spells it
@@ -40,6 +44,7 @@ class Dataset:
     root: Path  # where its files were found
     fingerprint: str  # identifies the content: equal fingerprints, equal data
     loader: Callable[[str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    split: str = ""  # the splits' sizes and where the test split comes from, for the plan line
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -65,6 +70,21 @@ class Dataset:
                     f"found {int(labels.min())}..{int(labels.max())}")
             self._cache[split] = (images, labels.long())
         return self._cache[split]
+
+    def check_recorded(self, class_names: tuple, fingerprint: str, what: str) -> str | None:
+        """Compare with what a checkpoint recorded of its data: other classes (names or
+        order) raise DataMismatchError naming both lists, since every label would mean
+        another class; the same classes with other content (images added or changed)
+        return a warning line; None when they match (or nothing was recorded)."""
+        if class_names and tuple(class_names) != self.class_names:
+            raise DataMismatchError(
+                f"{self.title} has the classes ({', '.join(self.class_names) or 'none'}), but "
+                f"{what} was trained on ({', '.join(class_names)}): its labels would name other "
+                f"classes; point --data-dir at the data it was trained on")
+        if fingerprint and fingerprint != self.fingerprint:
+            return (f"note: {self.title} has changed since {what} was trained on it (images "
+                    f"added, removed or edited); its classes are the same")
+        return None
 
     def class_index(self, name_or_index: str) -> int:
         """A class by name (case-insensitive) or index; ValueError names the valid ones."""

@@ -36,4 +36,5 @@ def open_dataset(data_dir=None, download: bool = True, **_) -> Dataset:
     idx.verify_all(folder, FAMILY)
     return Dataset(NAME, FAMILY.title, CLASS_NAMES, 1, 28, folder,
                    idx.content_fingerprint(FAMILY),
-                   lambda split: idx.load_split(folder, split, FAMILY))
+                   lambda split: idx.load_split(folder, split, FAMILY),
+                   split="60,000 training and 10,000 test images (the published split)")

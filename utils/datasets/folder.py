@@ -4,10 +4,21 @@
     DIR/*.png ...                                 (no subfolders: one class, unconditional)
 
 greyscale or colour (--channels 1 or 3), centre-cropped to a square and resized to
---image-size. The test split is DIR/test/ (laid out the same way) when it exists, else
-a reproducible tenth of each class (every image's place decided by a fixed seed), never
-trained on. The fingerprint hashes every file's bytes with the size and channels, so
-caches built from the data (its evaluation classifier) follow its content.
+--image-size. Every mode Pillow opens is read for what it shows: 16- and 32-bit greyscale
+scaled to 8 bits (not clipped), transparency composited onto white, palettes expanded;
+modes that are not pictures of light (LAB, HSV) are refused in one line.
+
+The split, and the rules the plan line states:
+- DIR/test/ (laid out as DIR) is the test split when it exists; DIR/train/ holds the
+  training images when it exists. A folder named train or test beside other class
+  folders is a split folder only if it is laid out as one (class subfolders, or images
+  for a one-class set); otherwise it is ambiguous and refused in one line.
+- Classes of test/ that training lacks are refused in one line, naming both lists.
+- Without test/, each image is held out (HELD_OUT of them) by a hash of its path
+  relative to DIR, so adding or removing images never moves another between the
+  splits; a class keeps at least one training image (its held-out ones train instead).
+The fingerprint hashes every file's bytes with its relative path, class, size and
+channels, so caches built from the data (its evaluation classifier) follow its content.
 """
 from __future__ import annotations
 
@@ -23,64 +34,130 @@ from utils.errors import UsageError
 
 NAME = "folder"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
-HELD_OUT = 0.1  # share of each class kept for the test split when there is no DIR/test/
-SPLIT_SEED = 1234
+HELD_OUT = 0.1  # share of the images kept for the test split when there is no DIR/test/
+SPLITS = ("train", "test")
+NOT_PICTURES = ("LAB", "HSV")  # colour spaces Pillow opens but cannot turn into RGB
 
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
 
 
-def _class_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and p.name not in ("test", "train"))
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _is_split(folder: Path, classes: list[Path]) -> bool:
+    """Whether DIR/train or DIR/test is laid out as a split: class subfolders (or, for
+    a one-class set, images directly) rather than being a class of its own."""
+    inner = _subfolders(folder)
+    if inner:
+        return True
+    return not classes and bool(_images_in(folder))
+
+
+def _layout(root: Path) -> tuple[Path, Path | None]:
+    """(the folder of the training classes, the test split's folder or None)."""
+    splits = {name: root / name for name in SPLITS if (root / name).is_dir()}
+    others = [p for p in _subfolders(root) if p.name not in SPLITS]
+    for name, folder in splits.items():
+        if others and not _is_split(folder, others):
+            raise DataNotFoundError(
+                f"--data-dir {root}: '{name}' could be a class or the {name} split: it holds "
+                f"images beside the classes {', '.join(p.name for p in others)}; rename it, or "
+                f"lay out a split as {name}/<class>/*.png")
+    if "train" in splits and others:
+        raise DataNotFoundError(
+            f"--data-dir {root} holds both train/ and class folders ({', '.join(p.name for p in others)}); "
+            f"put the classes inside train/, or rename train")
+    return splits.get("train", root), splits.get("test")
+
+
+def _labelled(folder: Path, names: tuple[str, ...]) -> list[tuple[Path, int]]:
+    if names:
+        return [(f, names.index(c.name)) for c in _subfolders(folder) if c.name in names
+                for f in _images_in(c)]
+    return [(f, 0) for f in _images_in(folder)]
+
+
+def held_out(path: Path, root: Path) -> bool:
+    """Whether an image belongs to the held-out share: by a hash of its path relative to
+    the dataset's folder alone, so the decision never changes when other files come or go."""
+    key = path.relative_to(root).as_posix().encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2 ** 64 < HELD_OUT
 
 
 def scan(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]]:
     """(class names, {'train': [(file, class)], 'test': [...]}) of a folder dataset."""
-    train_root = root / "train" if (root / "train").is_dir() else root
-    classes = _class_folders(train_root)
-    if classes:
-        names = tuple(c.name for c in classes)
-        files = [(f, k) for k, c in enumerate(classes) for f in _images_in(c)]
-        empty = [c.name for c in classes if not _images_in(c)]
-        if empty:
-            raise DataNotFoundError(f"--data-dir {root}: class folder(s) {', '.join(empty)} "
-                                    f"hold no images ({', '.join(EXTENSIONS)})")
-    else:
-        names = ()
-        files = [(f, 0) for f in _images_in(train_root)]
+    train_root, test_root = _layout(root)
+    classes = [p for p in _subfolders(train_root) if train_root != root or p.name not in SPLITS]
+    names = tuple(c.name for c in classes)
+    empty = [c.name for c in classes if not _images_in(c)]
+    if empty:
+        raise DataNotFoundError(f"--data-dir {root}: class folder(s) {', '.join(empty)} "
+                                f"hold no images ({', '.join(EXTENSIONS)})")
+    files = _labelled(train_root, names)
     if not files:
         raise DataNotFoundError(f"--data-dir {root} holds no images: expected DIR/<class>/*.png "
                                 f"(one subfolder per class) or DIR/*.png (one class)")
-    test_root = root / "test"
-    if test_root.is_dir():
+    if test_root is not None:
         if names:
-            test = [(f, names.index(c.name)) for c in _class_folders(test_root)
-                    if c.name in names for f in _images_in(c)]
-        else:
-            test = [(f, 0) for f in _images_in(test_root)]
+            extra = [p.name for p in _subfolders(test_root) if p.name not in names]
+            if extra:
+                raise DataNotFoundError(
+                    f"{test_root} has classes that training lacks: {', '.join(extra)} "
+                    f"(training: {', '.join(names)}); rename or remove them")
+        test = _labelled(test_root, names)
         if not test:
             raise DataNotFoundError(f"{test_root} holds no images of the classes "
                                     f"{', '.join(names) or '(one class)'}")
         return names, {"train": files, "test": test}
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(files))
-    held = np.zeros(len(files), dtype=bool)
-    for k in range(max(1, len(names))):
-        members = [i for i in order if files[i][1] == k]
-        held[members[:max(1, round(HELD_OUT * len(members)))]] = True
-    if held.all():
+    held = [held_out(f, root) for f, _ in files]
+    for k in range(max(1, len(names))):  # every class keeps a training image
+        members = [i for i, (_, label) in enumerate(files) if label == k]
+        if all(held[i] for i in members):
+            for i in members:
+                held[i] = False
+    if not any(held):
         raise DataNotFoundError(f"--data-dir {root}: too few images to hold out a test split "
-                                f"(each class needs at least 2)")
+                                f"(a tenth of them, by name; add images or a test/ folder)")
     return names, {"train": [f for f, h in zip(files, held) if not h],
                    "test": [f for f, h in zip(files, held) if h]}
+
+
+def describe_split(root: Path, files: dict) -> str:
+    """How many images each split has and where the test split comes from (the plan line)."""
+    train, test = len(files["train"]), len(files["test"])
+    source = (f"test split: {_layout(root)[1]}" if _layout(root)[1] is not None
+              else f"test split: {test / (train + test):.0%} held out by a hash of each "
+                   f"file's path")
+    return f"{train:,} training and {test:,} test images ({source})"
+
+
+def as_picture(image: Image.Image, channels: int, path: Path) -> Image.Image:
+    """Any image Pillow opens, as 8-bit greyscale ('L', channels 1) or RGB: 16- and 32-bit
+    greyscale scaled to 8 bits (convert() would clip them: mid-grey read as white), floats
+    read as [0, 1] (or [0, 255] when larger), transparency composited onto white."""
+    mode = image.mode
+    if mode in NOT_PICTURES:
+        raise DataDamagedError(f"image {path} is in the {mode} colour space, which cannot be "
+                               f"read as a picture here; save it as RGB or greyscale")
+    if mode.startswith("I") or mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        top = {"F": 1.0 if array.max(initial=0) <= 1 else 255.0}.get(
+            mode, 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0)
+        image = Image.fromarray(np.round(array / top * 255).clip(0, 255).astype(np.uint8), "L")
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+    return image.convert("L" if channels == 1 else "RGB")
 
 
 def read_image(path: Path, channels: int, size: int) -> np.ndarray:
     """One image file -> uint8 (C, size, size): centre-cropped square, resized."""
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+            image = as_picture(image, channels, path)
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2
             image = image.crop((left, top, left + side, top + side))
@@ -107,11 +184,11 @@ def check_readable(files: dict) -> None:
                                        f"delete or replace it") from None
 
 
-def fingerprint(files: dict, channels: int, size: int) -> str:
+def fingerprint(root: Path, files: dict, channels: int, size: int) -> str:
     digest = hashlib.sha256(f"folder:{channels}:{size}".encode())
     for split in ("train", "test"):
         for path, label in files[split]:
-            digest.update(f"{split}:{path.name}:{label}:".encode())
+            digest.update(f"{split}:{path.relative_to(root).as_posix()}:{label}:".encode())
             digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
@@ -135,7 +212,8 @@ def open_dataset(data_dir=None, download: bool = True, channels: int = 1, image_
         return torch.from_numpy(images), torch.from_numpy(labels)
 
     return Dataset(NAME, f"folder {root}", names, channels, image_size, root,
-                   fingerprint(files, channels, image_size), load)
+                   fingerprint(root, files, channels, image_size), load,
+                   split=describe_split(root, files))
 
 
 def count_train_images(data_dir) -> int:
