@@ -39,6 +39,7 @@ from sampling.jobs import (DEFAULT_OUTPUT, EVAL_DEFAULT_SAMPLES, JOBS, Context, 
 from sampling.settings import parse_classes
 from utils import distributed as dist
 from utils.errors import report_errors
+from utils.files import release_unwritten
 from utils.runs import newest_checkpoint
 from utils.visualization import show
 
@@ -303,6 +304,7 @@ def main(argv=None) -> int:
                              oom_hint="try a smaller --batch-size or --num-samples",
                              interrupted="the files listed above as written are complete")
     finally:
+        release_unwritten()  # names claimed for pictures that were never drawn
         dist.shutdown()
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from config import Config, ConfigError, config_overrides
+from config import Config, ConfigError, check_writable, config_overrides
 from evaluation.classifier import predict
 from evaluation.metrics import Evaluator, format_report
 from evaluation.npz import load_samples, recorded_dataset, write_samples
@@ -31,7 +31,7 @@ from sampling.settings import (arrange, choose_classes, default_count, format_cl
                                labels_for, row_labels)
 from utils import distributed as dist
 from utils.data_loader import normalize_images, to_uint8
-from utils.files import save_json, unused
+from utils.files import claim, save_json, unused
 
 EVAL_DEFAULT_SAMPLES = 10_000
 DEFAULT_OUTPUT = Path("outputs") / "samples.png"
@@ -233,8 +233,7 @@ def job_inpaint(ctx: Context) -> list[Path]:
     for name in args.mask:
         mask = load_mask(name, side) if name.lower().endswith(".png") else \
             make_mask(name, len(images), side, args.seed)
-        path = ctx.paths["inpaint"] if len(args.mask) == 1 else ctx.paths["inpaint"].with_name(
-            f"{ctx.paths['inpaint'].stem}_{Path(name).stem}.png")
+        path = ctx.paths.get("inpaint") or ctx.paths[f"inpaint_{Path(name).stem}"]
         print(f"inpainting {len(images)} test images, mask {name}: RePaint, {steps} steps x "
               f"{args.resample} passes"
               + (f", toward {format_classes(ctx.config, ctx.classes)}" if args.digit else
@@ -382,14 +381,19 @@ def picture_paths(args, jobs) -> dict[str, Path]:
             paths[job.name] = path
             if job.gif:
                 paths[f"{job.name}_gif"] = path.with_suffix(".gif")
+            if job.name == "inpaint" and len(args.mask) > 1:  # a picture per mask
+                del paths[job.name]
+                paths.update({f"inpaint_{Path(m).stem}": path.with_name(
+                    f"{path.stem}_{Path(m).stem}.png") for m in args.mask})
         return paths
 
     if args.output:
         return named(Path(args.output))
+    check_writable(DEFAULT_OUTPUT.parent, "--output")
     for k in range(1, 100_000):
         base = DEFAULT_OUTPUT if k == 1 else DEFAULT_OUTPUT.with_name(f"samples-{k}.png")
         paths = named(base)
-        if not any(p.exists() for p in paths.values()):
+        if claim(*paths.values()):  # all of them, atomically: no other process gets them
             return paths
     raise ConfigError(f"{DEFAULT_OUTPUT.parent} holds too many pictures; name one with --output")
 

@@ -286,3 +286,27 @@ def test_a_run_that_fails_at_once_leaves_no_folders_behind(capsys, tmp_path, mon
                                                empty, "--no-download", "--max-steps", 1], code=1)
     assert "Fashion-MNIST not found" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nothing_here"]
+
+
+def test_two_draws_started_together_never_share_a_picture_name(tmp_path, monkeypatch, two_runs):
+    """The free name is claimed atomically (exclusive create) when it is chosen: a second
+    process choosing before the first has written gets the next name, not the same one;
+    a draw that fails leaves no empty claimed file behind."""
+    from sampling.jobs import JOBS, picture_paths
+
+    monkeypatch.chdir(tmp_path)
+    args = generate.build_parser().parse_args(["--chain"])
+    jobs = [job for job in JOBS if job.wanted(args)]
+    first, second = picture_paths(args, jobs), picture_paths(args, jobs)
+    assert first["chain"] != second["chain"] and first["chain_gif"] != second["chain_gif"]
+    assert {p.name for p in second.values()} == {"samples-2_chain.png", "samples-2_chain.gif"}
+    utils.files.release_unwritten()
+    assert not list((tmp_path / "outputs").iterdir())  # nothing drawn: nothing left
+    path = utils.files.unused(tmp_path / "eval.json")
+    assert utils.files.unused(tmp_path / "eval.json").name == "eval-2.json" and path.exists()
+    utils.files.release_unwritten()
+    assert generate.main(["--checkpoint", str(two_runs[0]), "--quiet", "--num-samples", "4"]) == 0
+    assert generate.main(["--checkpoint", str(two_runs[0]), "--quiet", "--num-samples", "4"]) == 0
+    written = sorted(p.name for p in (tmp_path / "outputs").iterdir())
+    assert written == ["samples-2.png", "samples.png"]
+    assert all(p.stat().st_size > 0 for p in (tmp_path / "outputs").iterdir())

@@ -116,11 +116,48 @@ def check_recorded(path, sha256: str, what: str, fix: str, error=RuntimeError) -
     return found
 
 
+_CLAIMED: set[Path] = set()  # names this process claimed and has not written yet
+
+
+def claim(*paths) -> bool:
+    """Claim names atomically, all or none: each is created empty with O_EXCL, so of two
+    processes that want one name only one gets it (checking that a file exists, then
+    writing it later, lets both write and one picture be lost). The claimed files are
+    filled by later writes (atomic_write replaces them); `release_unwritten` removes the
+    ones still empty. Returns False, claiming nothing, if any name is taken."""
+    made = []
+    for path in map(Path, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            for p in made:
+                p.unlink(missing_ok=True)
+                _CLAIMED.discard(p)
+            return False
+        made.append(path)
+        _CLAIMED.add(path)
+    return True
+
+
+def release_unwritten() -> None:
+    """Remove the claimed names that were never written (still empty): a job that failed
+    or was stopped leaves no empty pictures behind."""
+    for path in list(_CLAIMED):
+        try:
+            if path.stat().st_size == 0:
+                path.unlink()
+        except OSError:
+            pass
+        _CLAIMED.discard(path)
+
+
 def unused(path) -> Path:
-    """`path`, or path-2, path-3, ... if it exists (for files the user did not name)."""
+    """`path`, or path-2, path-3, ... if it is taken (for files the user did not name),
+    claimed for this process (see `claim`)."""
     path = Path(path)
     candidate, k = path, 2
-    while candidate.exists():
+    while not claim(candidate):
         candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
         k += 1
     return candidate
