@@ -66,7 +66,61 @@ def test_a_time_budget_decays_by_the_clock_and_ends_at_the_floor(tiny):
                         LR_WARMUP_STEPS=0, CHECKPOINT_DIR=str(trainer.checkpoint_dir) + "-slow"),
                    progress=False, log=quiet)
     slow_lrs = _lrs(slow, fake_seconds_per_step=3.0)
-    assert len(slow_lrs) == 5 and slow_lrs[-1] == pytest.approx(lrs[-2])
+    # (its 5th step's lr was set after the 4th, at 12 s, with 1.25 s kept for the final grid:
+    # the estimate until the epoch's end measured the (fake, free) save)
+    assert len(slow_lrs) == 5 and slow_lrs[-1] == pytest.approx(
+        slow.base_lr * (0.05 + 0.95 * (1 - (12 + 4 * 5 * 3.0 / (3 * 16)) / 15)))
+
+
+def test_a_time_budget_is_wall_time_saves_and_grids_included(tiny):
+    """Saving and drawing at epoch ends count against --max-minutes, and the run keeps
+    the time its final save will take: it ends within a step of its budget. Fake clock:
+    1.5 s a step, 2 s a save (4 steps an epoch, 15 s budget)."""
+    trainer = Trainer(tiny(MAX_STEPS=1000, MAX_MINUTES=0.25, LR_WARMUP_STEPS=0, EPOCHS=100),
+                      progress=False, log=quiet)
+    clock = {"steps": 0, "grids": 0}
+    draw, step = trainer.save_samples, trainer.train_step
+
+    def drawing(*args):
+        clock["grids"] += 1
+        return draw(*args)
+
+    def stepping(*batch):
+        clock["steps"] += 1
+        return step(*batch)
+
+    trainer.save_samples, trainer.train_step = drawing, stepping
+    trainer.clock = lambda: 1.5 * clock["steps"] + 2.0 * clock["grids"]
+    trainer.fit()
+    assert trainer._reserve == 2.0  # measured at the first epoch end
+    # 4 steps (6 s), a grid (2 s), 4 steps until 14 s + the 2 s kept; then the final grid
+    assert clock["steps"] == 8 and clock["grids"] == 2  # the old count made 10 steps, 3 grids
+    assert trainer.elapsed == 15.0 and trainer.clock() <= 15.0 + 1.5  # within a step
+
+
+def test_grids_that_take_too_long_are_drawn_at_fewer_epoch_ends(tiny):
+    lines = []
+    trainer = Trainer(tiny(MAX_STEPS=16, EPOCHS=100), progress=False, log=lines.append)
+    clock = {"steps": 0, "grids": 0}
+    draw, step = trainer.save_samples, trainer.train_step
+    trainer.save_samples = lambda *a: (clock.__setitem__("grids", clock["grids"] + 1), draw(*a))[1]
+    trainer.train_step = lambda *b: (clock.__setitem__("steps", clock["steps"] + 1), step(*b))[1]
+    trainer.clock = lambda: 1.5 * clock["steps"] + 5.0 * clock["grids"]  # a grid: 5 s
+    trainer.fit()
+    # epoch 1's grid took 5 of 11 s, over the tenth: epochs 2 and 3 skip theirs; the final one
+    assert clock["grids"] == 2 and any("drawing them at fewer epoch ends" in l for l in lines)
+    assert trainer.elapsed == 16 * 1.5 + 5.0  # the epoch-end grid counted, not the final one
+
+
+def test_before_any_epoch_end_the_final_grid_is_estimated(tiny):
+    # 320 images: 20 steps an epoch, none ends within the 10 steps of the budget
+    trainer = Trainer(tiny(MAX_STEPS=1000, MAX_MINUTES=0.25, LR_SCHEDULE="linear", LR_FLOOR=0.05,
+                           LR_WARMUP_STEPS=0, TRAIN_SIZE=320), progress=False, log=quiet)
+    lrs = _lrs(trainer, fake_seconds_per_step=1.5)
+    reserve = 4 * 5 * 1.5 / (3 * 16)  # 4 images of 5 steps, a sampling step a third of a training one
+    assert trainer._reserve == pytest.approx(reserve) and len(lrs) == 10
+    # the lr reaches its floor where the final save begins
+    assert lrs[-1] == pytest.approx(trainer.base_lr * (0.05 + 0.95 * (1 - (9 * 1.5 + reserve) / 15)))
 
 
 def test_without_a_decaying_schedule_the_lr_is_flat_after_warm_up(tiny):

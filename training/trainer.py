@@ -48,6 +48,7 @@ from utils.seeding import capture_rng_state, restore_rng_state, seed_everything
 
 EVAL_SEED = 2024  # the fixed noise of every in-training evaluation
 QUARTILES = 4  # the loss is also logged per quarter of the timesteps
+GRID_SHARE = 0.1  # at most this share of a run's time goes to its sample grids at epoch ends
 
 
 class TrainingInterrupted(Interrupted):
@@ -145,6 +146,10 @@ class Trainer:
         self.timed_out = False
         self._latest_step = None  # the step latest.pt was last written at, in this process
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._picture_seconds = 0.0  # spent drawing grids at epoch ends, in this process
+        self._reserve = 0.0  # seconds a time budget keeps for the final save and grid
+        self._measured_reserve = False  # whether _reserve was measured (else estimated)
+        self._said_grids = False
         self._bins = torch.zeros(2, QUARTILES, device=self.device, dtype=torch.float64)
 
     def _make_batcher(self):
@@ -208,10 +213,11 @@ class Trainer:
 
     def progress_fraction(self, seconds: float) -> float:
         """The share of the run done, for the progress bar: steps of the step budget or
-        time of the time budget, whichever is further; 1 when the run ends."""
+        time of the time budget (with the time kept for the final save), whichever is
+        further; 1 when the run ends."""
         fraction = self.step / max(1, self.total_steps)
         if self._config.MAX_MINUTES:
-            fraction = max(fraction, seconds / (self._config.MAX_MINUTES * 60))
+            fraction = max(fraction, (seconds + self._reserve) / (self._config.MAX_MINUTES * 60))
         return min(1.0, fraction)
 
     @property
@@ -251,6 +257,13 @@ class Trainer:
             text += (f"; plus {count} evaluation(s) of {cfg.EVAL_SAMPLES} samples (--eval-every "
                      f"{cfg.EVAL_EVERY}), about {_duration(each)} each, outside the budget")
         return text
+
+    def grid_seconds(self, step_seconds: float) -> float:
+        """Seconds a sample grid of NUM_SAMPLES takes at `step_seconds` a training step (a
+        sampling step of one image costs about a third of a training step's share of it)."""
+        cfg = self._config
+        evaluations = self.sampling_settings().network_evaluations(cfg.CONDITIONAL)
+        return cfg.NUM_SAMPLES * evaluations * step_seconds / (3 * cfg.BATCH_SIZE)
 
     def _evaluation_count(self, seconds: float) -> int:
         """Evaluations the plan expects: one each EVAL_EVERY epochs reached, and one at the end."""
@@ -444,8 +457,9 @@ class Trainer:
         torchrun every process takes the maximum over all, so they all decide alike."""
         limit = self._config.MAX_MINUTES * 60
         stop, timed_out, self._fraction = dist.agree(
-            float(self._stop_signal is not None), float(bool(limit) and seconds >= limit),
-            self.budget_fraction(seconds))
+            float(self._stop_signal is not None),
+            float(bool(limit) and seconds + self._reserve >= limit),
+            self.budget_fraction(seconds + self._reserve))
         self.timed_out = bool(timed_out)
         if self.guide_step is None and self._config.GUIDE_AT and self._fraction >= self._config.GUIDE_AT:
             self.keep_guide()
@@ -489,6 +503,8 @@ class Trainer:
         bins = dist.all_reduce_sum_(self._bins.clone()).tolist()
         self._bins.zero_()
         rate = images_done / max(seconds, 1e-9)
+        if images_done and not self._measured_reserve:  # until an epoch end measures a save
+            self._reserve = self.grid_seconds(seconds / len(values))
         values_out = {"loss": self._recent_loss(len(values)), "lr": self.lr_at(self.step - 1, self._fraction),
                       "ema_decay": self.ema_decay_at(self.step - 1), "grad_norm": last_norm,
                       "images_per_s": rate if images_done else None,
@@ -516,18 +532,38 @@ class Trainer:
 
     # ----- what happens at epoch ends and at the end -----
     def end_of_epoch(self):
+        """Save (and draw the grid) every SAVE_EVERY epochs, evaluate every EVAL_EVERY. The
+        budget is wall time: the saving and drawing count against it (the evaluations do
+        not; the plan says so), and grids are skipped at epoch ends while they have taken
+        more than GRID_SHARE of the time (the final grid is always drawn)."""
         cfg = self._config
         last = self.epoch >= cfg.EPOCHS
         if self.epoch % cfg.SAVE_EVERY == 0 or last:
+            # (a run out of time draws its grid in finish(), straight after)
+            draw = not self.timed_out and (last or self._picture_seconds <= GRID_SHARE * self.elapsed)
+            if not draw and not self._said_grids:
+                self._said_grids = True
+                self.log(f"\nnote: the sample grids took over {GRID_SHARE:.0%} of the training "
+                         f"time; drawing them at fewer epoch ends (the last one always)")
+
             def save_all():
                 self.save(self.checkpoint_dir / ckpt.periodic_name(self.epoch),
                           self.checkpoint_dir / ckpt.LATEST)
                 ckpt.prune_periodic(self.checkpoint_dir, cfg.KEEP)
-                self._write_or_warn("the sample grid", self.save_samples,
-                                    f"samples_epoch_{self.epoch:04d}")
+                if draw:
+                    start = self.clock()
+                    self._write_or_warn("the sample grid", self.save_samples,
+                                        f"samples_epoch_{self.epoch:04d}")
+                    self._picture_seconds += self.clock() - start
                 self._write_or_warn("the loss history", self.write_history)
 
+            start = self.clock()
             dist.wait_for_rank0(save_all)
+            spent = self.clock() - start
+            self.elapsed += spent
+            if draw:  # the final save draws a grid too: keep that much of the budget for it
+                self._reserve = max(self._reserve if self._measured_reserve else 0.0, spent)
+                self._measured_reserve = True
         if cfg.EVAL_EVERY and (self.epoch % cfg.EVAL_EVERY == 0 or last):
             self._evaluate_and_record()
 
@@ -558,6 +594,8 @@ class Trainer:
     def finish(self) -> dict:
         cfg = self._config
         latest = self.checkpoint_dir / ckpt.LATEST
+        if self.timed_out:  # the time kept for this final save is the rest of the budget
+            self.elapsed = max(self.elapsed, cfg.MAX_MINUTES * 60)
 
         def save_all():
             self.save(latest)
