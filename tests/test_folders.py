@@ -242,3 +242,17 @@ def test_the_folder_classifier_keeps_to_the_threads_it_is_given(tmp_path, monkey
     finally:
         torch.set_num_threads(threads)
     assert seen == [1] and info["threads"] == 1
+
+
+def test_the_plan_names_the_data(tmp_path):
+    from training.trainer import Trainer
+
+    data = write(tmp_path / "d", {"cats": 30, "dogs": 30})
+    trainer = Trainer(tiny_config(tmp_path, DATASET="folder", DATA_DIR=str(data), IMAGE_SIZE=8,
+                                  CHANNEL_MULT=(1, 2), CONDITIONAL=True, MAX_STEPS=1,
+                                  TRAIN_SIZE=0, BATCH_SIZE=4), progress=False, log=quiet)
+    line = trainer.plan().splitlines()[0]
+    train_count, test_count = (len(trainer.dataset.load(s)[0]) for s in ("train", "test"))
+    assert line.startswith(f"data: folder {data}, {train_count:,} training and {test_count:,} test")
+    assert "held out by a hash of each file's path" in line
+    assert "2 classes (cats, dogs), learned (--conditional)" in line

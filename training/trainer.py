@@ -256,7 +256,21 @@ class Trainer:
                 * self.estimate_step_seconds() / (3 * cfg.BATCH_SIZE)
             text += (f"; plus {count} evaluation(s) of {cfg.EVAL_SAMPLES} samples (--eval-every "
                      f"{cfg.EVAL_EVERY}), about {_duration(each)} each, outside the budget")
-        return text
+        return self.describe_data() + "\n" + text
+
+    def describe_data(self) -> str:
+        """The data line of the plan: what was found, the classes, where the test split
+        comes from."""
+        data, cfg = self.dataset, self._config
+        names = data.class_names
+        classes = (f"{len(names)} classes ({', '.join(names[:12])}{', ...' if len(names) > 12 else ''})"
+                   if names else "no classes (one set of images)")
+        learned = ("learned (--conditional)" if cfg.CONDITIONAL else
+                   "not learned (--no-conditional)") if names else ""
+        subset = (f"; training on the first {cfg.TRAIN_SIZE:,} (--train-size)"
+                  if cfg.TRAIN_SIZE else "")
+        return (f"data: {data.title}, {data.split or 'its training and test splits'}; "
+                f"{classes}{', ' + learned if learned else ''}{subset}")
 
     def grid_seconds(self, step_seconds: float) -> float:
         """Seconds a sample grid of NUM_SAMPLES takes at `step_seconds` a training step (a
