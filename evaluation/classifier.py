@@ -42,6 +42,9 @@ CACHE_DIR = ROOT / "checkpoints" / "evaluators"  # classifiers trained on first 
 # How shipped weights are trained: the whole training set, 3 epochs, seed 0, on the CPU
 # with this many threads (a fixed count keeps the float reductions in one order).
 RECIPE = dict(seed=0, epochs=3, threads=2)
+# A classifier trained here (a folder's) leaves this share of the training split out: the
+# "real images" floor of an evaluation is scored on them, images it has never seen.
+FLOOR_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -202,12 +205,28 @@ def load_classifier(device="cpu", path=None, sha256: str | None = None):
     return load_shipped("mnist", device, path, sha256)
 
 
+def floor_index(dataset: Dataset) -> torch.Tensor | None:
+    """The training images a classifier trained here never sees (FLOOR_SHARE of them, a
+    fixed random choice): the real images of an evaluation's floor. None for a dataset
+    with shipped weights, trained on its whole training split."""
+    if dataset.name in SHIPPED:
+        return None
+    count = len(dataset.load("train")[0])
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(RECIPE["seed"]))
+    return order[:max(1, round(FLOOR_SHARE * count))].sort().values
+
+
 def train_for(dataset: Dataset, progress: bool = True, log=print, train_size: int | None = None,
               epochs: int = RECIPE["epochs"], seed: int = RECIPE["seed"]) -> tuple[Classifier, dict]:
     """Train a dataset's classifier by the shipped recipe (CPU, RECIPE's threads, or fewer
     where the process is limited to fewer): its classes, or for one class the four
     rotations. Returns (model, info)."""
     images, labels = dataset.load("train")
+    held = floor_index(dataset)
+    if held is not None:
+        kept = torch.ones(len(images), dtype=torch.bool)
+        kept[held] = False
+        images, labels = images[kept], labels[kept]
     if train_size is not None:
         images, labels = images[:train_size], labels[:train_size]
     task = "classes" if dataset.num_classes >= 2 else "rotations"
@@ -259,7 +278,8 @@ def cached_path(dataset: Dataset, cache_dir=None, train_size: int | None = None,
                 epochs: int = RECIPE["epochs"]) -> Path:
     cache_dir = cache_dir or CACHE_DIR
     suffix = "" if train_size is None and epochs == RECIPE["epochs"] else f"_n{train_size}_e{epochs}"
-    return Path(cache_dir) / f"{dataset.name}-{dataset.fingerprint[:16]}{suffix}.pt"
+    held = f"-floor{round(100 * FLOOR_SHARE)}"  # (earlier caches trained on every image)
+    return Path(cache_dir) / f"{dataset.name}-{dataset.fingerprint[:16]}{held}{suffix}.pt"
 
 
 def load_or_train(dataset: Dataset, cache_dir=None, progress: bool = True, log=print,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from config import MIN_EVAL_SAMPLES as MIN_SAMPLES
-from evaluation.classifier import classifier_for, predict
+from evaluation.classifier import floor_index, classifier_for, predict
 from utils.data_loader import as_image_batch, to_uint8
 from utils.datasets import Dataset
 from utils.errors import UsageError
@@ -146,6 +146,11 @@ class Evaluator:
         self.has_classes = self.classifier_info.get("task", "classes") == "classes"
         self.train_images, self.train_labels = dataset.load("train")
         self.test_images, self.test_labels = dataset.load("test")
+        # the floor's real images: ones the classifier never saw (a folder's held-out share),
+        # else (shipped classifiers, trained on every training image) the training split
+        self.floor_index = floor_index(dataset)
+        self.floor_source = ("held-out training images (not seen by the classifier)"
+                             if self.floor_index is not None else "training images")
         self.test_features, _ = predict(self.classifier, self.test_images, progress=progress,
                                         desc="test-set features")
         self.test_mu, self.test_sigma = feature_statistics(self.test_features)
@@ -190,19 +195,33 @@ class Evaluator:
                                          labels is not None)
         return result
 
+    @property
+    def floor_size(self) -> int:
+        """How many real images a floor can use: FID falls with the count, so samples are
+        best scored at most this many at a time."""
+        return len(self.floor_index) if self.floor_index is not None else len(self.train_images)
+
     def floor(self, count: int, memorisation: bool = True, precision_recall_k: int | None = 3,
               labels: bool = False) -> dict:
-        """The metrics of `count` real training images (a fixed random subset) vs the test
-        set; for memorisation, the distance of real *test* images to the training set;
-        with labels, the classifier's accuracy on those images' true labels."""
+        """The metrics of `count` real images (a fixed random subset of floor_size; fewer if
+        there are fewer) vs the test set; for memorisation, the distance of real *test*
+        images to the training set; with labels, the classifier's accuracy on those
+        images' true labels."""
         key = (count, memorisation, precision_recall_k, labels)
         if key not in self._floors:
             generator = torch.Generator().manual_seed(1234)
-            index = torch.randperm(len(self.train_images), generator=generator)[:count]
+            pool = (self.floor_index if self.floor_index is not None
+                    else torch.arange(len(self.train_images)))
+            index = pool[torch.randperm(len(pool), generator=generator)[:count]]
             real = self.train_images[index]
+            if len(real) < MIN_SAMPLES:  # too few to score: the count alone, said so
+                self._floors[key] = {"num_samples": len(real), "source": self.floor_source +
+                                     f", too few to score (at least {MIN_SAMPLES})"}
+                return self._floors[key]
             floor = self.evaluate(real, floor=False, memorisation=False,
                                   precision_recall_k=precision_recall_k,
                                   labels=self.train_labels[index] if labels else None)
+            floor["source"] = self.floor_source
             if memorisation:
                 n = min(count, self.memorisation_count)
                 floor["nn_train_distance"] = float(
@@ -250,6 +269,12 @@ def format_report(result: dict, title: str = "") -> str:
 
     lines = [title] if title else []
     lines.append(f"  samples{'':<21}{result['num_samples']:>10}")
+    if floor:
+        fewer = floor["num_samples"] < result["num_samples"]
+        lines.append(f"  real images{'':<17}{floor['num_samples']:>10}   "
+                     f"({floor.get('source', 'training images')}"
+                     + ("; fewer than the samples: FID falls with the count, so compare at "
+                        "equal counts" if fewer else "") + ")")
     lines += filter(None, [
         row("FID (classifier features)", "fid", ".3f"),
         row("classified with p > 0.9", "confident_fraction", ".1%"),

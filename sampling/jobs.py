@@ -32,6 +32,7 @@ from sampling.settings import (arrange, choose_classes, default_count, format_cl
 from utils import distributed as dist
 from utils.data_loader import normalize_images, to_uint8
 from utils.files import claim, save_json, unused
+from utils.text import duration
 
 EVAL_DEFAULT_SAMPLES = 10_000
 DEFAULT_OUTPUT = Path("outputs") / "samples.png"
@@ -92,10 +93,14 @@ class Context:
 def job_samples(ctx: Context) -> list[Path]:
     """The grid (and --save-npz, --evaluate): one draw per --guidance value."""
     args, written, results = ctx.args, [], []
-    count = args.num_samples or (EVAL_DEFAULT_SAMPLES if args.evaluate
-                                 else default_count(ctx.classes))
-    if args.evaluate:
-        ctx.evaluator()  # the data and the classifier before the long draw: fail fast
+    count = args.num_samples or default_count(ctx.classes)
+    if args.evaluate:  # the data and the classifier before the long draw: fail fast
+        real = ctx.evaluator().floor_size
+        count = args.num_samples or min(EVAL_DEFAULT_SAMPLES, real)
+        if count < EVAL_DEFAULT_SAMPLES and not args.num_samples:
+            print(f"evaluating {count:,} samples: as many as the real images of the floor "
+                  f"({real:,} {ctx.evaluator().floor_source}; FID depends on the count)")
+        print(estimate_cost(ctx, count))
     for guidance, autoguidance in ctx.draws:
         settings = ctx.settings(guidance, autoguidance=autoguidance)
         start = time.perf_counter()
@@ -125,6 +130,18 @@ def job_samples(ctx: Context) -> list[Path]:
     if len(results) > 1:
         print(format_sweep(results))
     return written
+
+
+def estimate_cost(ctx: Context, count: int, probe: int = 50) -> str:
+    """What an evaluation will cost on this machine, from timing a draw of `probe` images
+    with the settings of the first draw (plus the classifier's features, a small share)."""
+    settings = ctx.settings(*ctx.draws[0][:1], autoguidance=ctx.draws[0][1])
+    start = time.perf_counter()
+    draw(ctx.model, min(probe, count), settings, ctx.classes, ctx.args.seed, probe, False)
+    seconds = (time.perf_counter() - start) / min(probe, count) * count * len(ctx.draws)
+    return (f"evaluation: {len(ctx.draws)} draw(s) of {count:,} samples with {settings.label} "
+            f"({settings.network_evaluations(bool(ctx.classes))} network evaluations each): "
+            f"about {duration(seconds)} on this machine")
 
 
 def evaluate_images(ctx: Context, images, labels, settings, seconds: float) -> dict:

@@ -137,7 +137,8 @@ def test_a_folder_without_classes_is_one_unconditional_class(tmp_path):
     for i in range(20):
         Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(data / f"{i}.png")
     dataset = open_dataset("folder", data, image_size=8)
-    assert dataset.class_names == () and len(dataset.load("test")[0]) == 2  # a tenth held out
+    held, kept = len(dataset.load("test")[0]), len(dataset.load("train")[0])
+    assert dataset.class_names == () and held + kept == 20 and 1 <= held <= 6  # about a tenth
     with pytest.raises(Exception, match="--conditional needs a dataset with classes"):
         train(tiny_config(tmp_path, DATASET="folder", DATA_DIR=str(data), IMAGE_SIZE=8,
                           CHANNEL_MULT=(1, 2), CONDITIONAL=True, MAX_STEPS=1, TRAIN_SIZE=0,

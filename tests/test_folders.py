@@ -256,3 +256,31 @@ def test_the_plan_names_the_data(tmp_path):
     assert line.startswith(f"data: folder {data}, {train_count:,} training and {test_count:,} test")
     assert "held out by a hash of each file's path" in line
     assert "2 classes (cats, dogs), learned (--conditional)" in line
+
+
+def test_a_folders_floor_is_held_out_from_its_classifier_at_the_samples_count(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(clf, "CACHE_DIR", tmp_path / "evaluators")
+    data = write(tmp_path / "d", {"cats": 40, "dogs": 40})
+    trainer = train(tiny_config(tmp_path, DATASET="folder", DATA_DIR=str(data), IMAGE_SIZE=8,
+                                CHANNEL_MULT=(1, 2), CONDITIONAL=True, MAX_STEPS=1,
+                                TRAIN_SIZE=0, BATCH_SIZE=4))
+    dataset = open_dataset("folder", data, image_size=8)
+    held = clf.floor_index(dataset)
+    seen = []
+    real = clf.train_classifier
+    monkeypatch.setattr(clf, "train_classifier",
+                        lambda images, *a, **k: (seen.append(images.clone()), real(images, *a, **k))[1])
+    train_images = dataset.load("train")[0]
+    assert generate.main([str(a) for a in ["--checkpoint", trainer.checkpoint_dir / ckpt.LATEST,
+                                           "--evaluate", "--quiet", "--output-dir", tmp_path / "o",
+                                           "--output", tmp_path / "g.png"]]) == 0
+    out = capsys.readouterr().out
+    # the classifier trained on the training images but the held-out ones ...
+    kept = torch.ones(len(train_images), dtype=torch.bool)
+    kept[held] = False
+    assert 0 < len(held) < len(train_images) and torch.equal(seen[0], train_images[kept])
+    # ... the draw is as large as the floor, and the report says what the floor is
+    assert f"evaluating {len(held)} samples: as many as the real images of the floor" in out
+    assert "evaluation: 1 draw(s) of" in out and "on this machine" in out
+    assert f"real images{'':<17}{len(held):>10}   (held-out training images (not seen by the classifier))" in out

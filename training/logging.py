@@ -76,11 +76,13 @@ class FilesLogger(RunLogger):
 
     def evaluation(self, step: int, record: dict) -> None:
         accuracy = record.get("conditional_accuracy")
-        self.log(f"step {step:,} (epoch {record['epoch']:.2f}): FID {record['fid']:.2f} "
-                 f"(floor {record['fid_floor']:.2f}) on {record['num_samples']} samples"
+        floor = f" (floor {record['fid_floor']:.2f})" if "fid_floor" in record else ""
+        self.log(f"step {step:,} (epoch {record['epoch']:.2f}): FID {record['fid']:.2f}"
+                 f"{floor} on {record['num_samples']} samples"
                  + (f", {100 * record['confident_fraction']:.1f}% with p > 0.9, class KL "
                     f"{record['class_kl']:.4f}" if "confident_fraction" in record else "")
-                 + (f", recall {record['recall']:.3f} (floor {record['recall_floor']:.3f})"
+                 + (f", recall {record['recall']:.3f}" + (f" (floor {record['recall_floor']:.3f})"
+                                                           if "recall_floor" in record else "")
                     if "recall" in record else "")
                  + (f", {100 * accuracy:.1f}% the class asked for (guidance "
                     f"{record['guidance']:g})" if accuracy is not None else ""))

@@ -45,6 +45,7 @@ from utils.errors import DataError, Interrupted, ResourceError, first_line
 from utils.files import remove_stale_temporaries, save_json
 from utils.runs import with_run_folders
 from utils.seeding import capture_rng_state, restore_rng_state, seed_everything
+from utils.text import duration
 
 EVAL_SEED = 2024  # the fixed noise of every in-training evaluation
 QUARTILES = 4  # the loss is also logged per quarter of the timesteps
@@ -244,18 +245,18 @@ class Trainer:
         budget = (f"{cfg.EPOCHS} epochs" if self.total_steps == cfg.EPOCHS * self.steps_per_epoch
                   else f"{steps_left / self.steps_per_epoch:.1f} epochs")
         if limit is not None and limit < seconds:
-            text = (f"plan: {_duration(limit)} of training (--max-minutes {cfg.MAX_MINUTES:g}; "
-                    f"{budget} would take about {_duration(seconds)} here)")
+            text = (f"plan: {duration(limit)} of training (--max-minutes {cfg.MAX_MINUTES:g}; "
+                    f"{budget} would take about {duration(seconds)} here)")
         else:
             text = (f"plan: {steps_left:,} steps of {cfg.BATCH_SIZE} ({budget}), about "
-                    f"{_duration(seconds)} on this machine; Ctrl-C saves a checkpoint, "
+                    f"{duration(seconds)} on this machine; Ctrl-C saves a checkpoint, "
                     f"--max-minutes caps the time")
         if cfg.EVAL_EVERY:
             count = self._evaluation_count(min(seconds, limit or seconds))
             each = cfg.EVAL_SAMPLES * for_training(cfg).network_evaluations(cfg.CONDITIONAL) \
                 * self.estimate_step_seconds() / (3 * cfg.BATCH_SIZE)
             text += (f"; plus {count} evaluation(s) of {cfg.EVAL_SAMPLES} samples (--eval-every "
-                     f"{cfg.EVAL_EVERY}), about {_duration(each)} each, outside the budget")
+                     f"{cfg.EVAL_EVERY}), about {duration(each)} each, outside the budget")
         return self.describe_data() + "\n" + text
 
     def describe_data(self) -> str:
@@ -721,16 +722,16 @@ class Trainer:
             return None
         record = {"epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
                   "step": self.step, "train_seconds": self.elapsed, "num_samples": len(images),
-                  "fid": result["fid"], "fid_floor": result["floor"]["fid"],
-                  "sampler": label}
-        for key in ("confident_fraction", "class_kl", "precision", "recall"):
-            if key in result:
-                record[key] = result[key]
-                record[f"{key}_floor"] = result["floor"][key]
+                  "fid": result["fid"], "sampler": label}
         if "conditional_accuracy" in result:
-            record.update(guidance=cfg.GUIDANCE,
-                          conditional_accuracy=result["conditional_accuracy"],
-                          conditional_accuracy_floor=result["floor"]["conditional_accuracy"])
+            record.update(guidance=cfg.GUIDANCE)
+        floor = result["floor"]  # (without scores when there were too few real images)
+        for key in ("fid", "confident_fraction", "class_kl", "precision", "recall",
+                    "conditional_accuracy"):
+            if key in result and key != "fid":
+                record[key] = result[key]
+            if key in result and key in floor:
+                record[f"{key}_floor"] = floor[key]
         for logger in self.loggers:
             logger.evaluation(self.step, record)
         return record
@@ -812,10 +813,3 @@ class Trainer:
             self.generator.manual_seed(self._config.SEED + 1 + self.step)
         restore_rng_state(state["rng"])
 
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} minutes"
-    return f"{seconds / 3600:.1f} hours"

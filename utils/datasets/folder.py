@@ -16,7 +16,9 @@ The split, and the rules the plan line states:
 - Classes of test/ that training lacks are refused in one line, naming both lists.
 - Without test/, each image is held out (HELD_OUT of them) by a hash of its path
   relative to DIR, so adding or removing images never moves another between the
-  splits; a class keeps at least one training image (its held-out ones train instead).
+  splits; a class keeps at least one training image (its held-out ones train instead),
+  and a set so small that the hash holds out none gives the first image by hash of each
+  class of two or more.
 The fingerprint hashes every file's bytes with its relative path, class, size and
 channels, so caches built from the data (its evaluation classifier) follow its content.
 """
@@ -80,11 +82,13 @@ def _labelled(folder: Path, names: tuple[str, ...]) -> list[tuple[Path, int]]:
     return [(f, 0) for f in _images_in(folder)]
 
 
-def held_out(path: Path, root: Path) -> bool:
-    """Whether an image belongs to the held-out share: by a hash of its path relative to
-    the dataset's folder alone, so the decision never changes when other files come or go."""
+def split_key(path: Path, root: Path) -> float:
+    """A number in [0, 1) from a hash of the image's path relative to the dataset's folder:
+    below HELD_OUT, the image is held out. It depends on nothing else, so the decision
+    never changes when other files come or go (but for sets too small to hold out any:
+    see scan)."""
     key = path.relative_to(root).as_posix().encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2 ** 64 < HELD_OUT
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2 ** 64
 
 
 def scan(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]]:
@@ -112,15 +116,21 @@ def scan(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]
             raise DataNotFoundError(f"{test_root} holds no images of the classes "
                                     f"{', '.join(names) or '(one class)'}")
         return names, {"train": files, "test": test}
-    held = [held_out(f, root) for f, _ in files]
-    for k in range(max(1, len(names))):  # every class keeps a training image
-        members = [i for i, (_, label) in enumerate(files) if label == k]
+    keys = [split_key(f, root) for f, _ in files]
+    held = [key < HELD_OUT for key in keys]
+    classes = [[i for i, (_, label) in enumerate(files) if label == k]
+               for k in range(max(1, len(names)))]
+    for members in classes:  # every class keeps a training image
         if all(held[i] for i in members):
             for i in members:
                 held[i] = False
+    if not any(held):  # a tiny set: each class of two or more gives its first image by hash
+        for members in classes:
+            if len(members) >= 2:
+                held[min(members, key=lambda i: keys[i])] = True
     if not any(held):
         raise DataNotFoundError(f"--data-dir {root}: too few images to hold out a test split "
-                                f"(a tenth of them, by name; add images or a test/ folder)")
+                                f"(a class needs at least 2; add images or a test/ folder)")
     return names, {"train": [f for f, h in zip(files, held) if not h],
                    "test": [f for f, h in zip(files, held) if h]}
 
