@@ -29,18 +29,16 @@ import torch
 
 from config import (Config, ConfigError, OneLineArgumentParser, add_config_arguments,
                     check_device, check_writable, config_overrides)
-from sampling import pretrained
 from sampling.api import (generate_class_interpolation, generate_images, generate_interpolation,
                           load_model)
 from sampling.editing import MASKS
-from sampling.jobs import (DEFAULT_OUTPUT, EVAL_DEFAULT_SAMPLES, JOBS, Context, describe,
-                           evaluate_npz, picture_paths,
+from sampling.jobs import (DEFAULT_OUTPUT, EVAL_DEFAULT_SAMPLES, JOBS, Context,
+                           choose_checkpoint, describe, evaluate_npz, picture_paths,
                            refuse_without_classes, save_editing_scores)
 from sampling.settings import parse_classes
 from utils import distributed as dist
 from utils.errors import report_errors
 from utils.files import release_unwritten
-from utils.runs import newest_checkpoint
 from utils.visualization import show
 
 __all__ = ["load_model", "generate_images", "generate_interpolation",
@@ -181,6 +179,9 @@ def _editing(g) -> None:
     g.add_argument("--inputs", type=int, default=8, metavar="N",
                    help="test images --inpaint and --edit work on: the first N (default: 8; "
                         "with --evaluate, the share of them read as the right class)")
+    g.add_argument("--input", nargs="+", metavar="FILE|I",
+                   help="what --inpaint and --edit work on instead: your image files (resized "
+                        "to the model's) and/or test-set indices")
 
 
 def check_args(args, parser) -> None:
@@ -222,22 +223,6 @@ def check_args(args, parser) -> None:
         if not 0 <= s <= 1:
             parser.error(f"--strength must lie in [0, 1] (0 keeps the input, 1 ignores it), "
                          f"got {s:g}")
-
-
-def choose_checkpoint(args) -> str:
-    """--checkpoint, else the newest run's, else the pretrained model (said in one line)."""
-    if args.checkpoint:
-        return args.checkpoint
-    newest = dist.broadcast_object(newest_checkpoint())
-    if newest is not None:
-        print(f"newest run: {newest}")
-        return str(newest)
-    if pretrained.available():
-        print("no runs yet: drawing from the pretrained model that ships with the repo "
-              "(python main.py trains your own in 15 minutes)")
-        return pretrained.NAME
-    raise ConfigError("no checkpoint found in runs/: train one with python main.py, or name "
-                      "one with --checkpoint")
 
 
 def run(args) -> int:

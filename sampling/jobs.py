@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from config import Config, ConfigError, check_writable, config_overrides
 from evaluation.classifier import predict
 from evaluation.metrics import Evaluator, format_report
@@ -27,11 +29,14 @@ from sampling.api import (chain, dataset_of, draw, edit_images, forward_process,
                           generate_interpolation, guidance_strip, inpaint_images,
                           interpolate_real, save_grid, settings_for, test_images, test_set)
 from sampling.editing import load_mask, make_mask
+from utils.datasets.folder import read_image
 from sampling.settings import (arrange, choose_classes, default_count, format_classes,
                                labels_for, row_labels)
+from sampling import pretrained
 from utils import distributed as dist
 from utils.data_loader import normalize_images, to_uint8
 from utils.files import claim, save_json, unused
+from utils.runs import newest_checkpoint
 from utils.text import duration
 
 EVAL_DEFAULT_SAMPLES = 10_000
@@ -114,7 +119,7 @@ def job_samples(ctx: Context) -> list[Path]:
               + (f", autoguidance {settings.autoguidance:g}" if settings.autoguidance != 1
                  else ""))
         if "grid" in ctx.paths:
-            shown, nrow = arrange(images, ctx.classes, per_class=10)
+            shown, nrow = arrange(images, ctx.classes)
             written.append(save_grid(shown, nrow, row_labels(ctx.config, ctx.classes),
                                      ctx.paths["grid"]))
         labels = labels_for(ctx.classes, count)
@@ -244,14 +249,14 @@ def job_inpaint(ctx: Context) -> list[Path]:
     """--inpaint: one picture per --mask; with --evaluate, the share of completions read
     as the original class, RePaint beside the plain replacement method."""
     args, written = ctx.args, []
-    images, labels = first_test_images(ctx)
+    images, labels, what = editing_inputs(ctx)
     steps = args.steps or ctx.config.SAMPLING_STEPS
     side = ctx.config.IMAGE_SIZE
     for name in args.mask:
         mask = load_mask(name, side) if name.lower().endswith(".png") else \
             make_mask(name, len(images), side, args.seed)
         path = ctx.paths.get("inpaint") or ctx.paths[f"inpaint_{Path(name).stem}"]
-        print(f"inpainting {len(images)} test images, mask {name}: RePaint, {steps} steps x "
+        print(f"inpainting {len(images)} {what}, mask {name}: RePaint, {steps} steps x "
               f"{args.resample} passes"
               + (f", toward {format_classes(ctx.config, ctx.classes)}" if args.digit else
                  ", from the known pixels alone" if ctx.config.CONDITIONAL else ""))
@@ -269,12 +274,37 @@ def job_inpaint(ctx: Context) -> list[Path]:
     return written
 
 
-def first_test_images(ctx: Context):
-    """The first --inputs test images and their labels (ConfigError if there are fewer)."""
-    images, labels = test_set(ctx.model, ctx.data_dir, ctx.download)
-    if ctx.args.inputs > len(images):
-        raise ConfigError(f"--inputs {ctx.args.inputs}: the test set has {len(images):,} images")
-    return images[:ctx.args.inputs], labels[:ctx.args.inputs]
+def editing_inputs(ctx: Context):
+    """What --inpaint and --edit work on: (uint8 images (N, C, H, W), their labels or None,
+    a few words on what they are). --input: image files (read as a folder's images are:
+    the model's channels, centre-cropped, resized) and test-set indices; files have no
+    class, so labels are None if there is one. Otherwise the first --inputs test images."""
+    tokens = ctx.args.input
+    if not tokens:
+        images, labels = test_set(ctx.model, ctx.data_dir, ctx.download)
+        if ctx.args.inputs > len(images):
+            raise ConfigError(f"--inputs {ctx.args.inputs}: the test set has {len(images):,} images")
+        return images[:ctx.args.inputs], labels[:ctx.args.inputs], "test images"
+    for token in tokens:
+        if not token.isdigit() and not Path(token).is_file():
+            raise ConfigError(f"--input {token}: no such file (an image file, or a test-set "
+                              f"index)")
+    indices = [int(t) for t in tokens if t.isdigit()]
+    tests = test_images(ctx.model, indices, ctx.data_dir, ctx.download, what="--input") \
+        if indices else None
+    pictures, labels, k = [], [], 0
+    for token in tokens:
+        if token.isdigit():
+            pictures.append(tests[0][k])
+            labels.append(int(tests[1][k]))
+            k += 1
+        else:
+            pictures.append(torch.from_numpy(read_image(Path(token), ctx.config.CHANNELS,
+                                                        ctx.config.IMAGE_SIZE).copy()))
+            labels.append(None)
+    if None in labels:
+        return torch.stack(pictures), None, "images given"
+    return torch.stack(pictures), torch.tensor(labels), "test images"
 
 
 def score_inpainting(ctx: Context, images, labels, mask, steps: int, resample: int) -> dict:
@@ -295,12 +325,12 @@ def job_edit(ctx: Context) -> list[Path]:
     """--edit: SDEdit over --strength; with --evaluate, the share read as the class aimed
     at and the distance to the input at each strength."""
     args = ctx.args
-    images, labels = first_test_images(ctx)
+    images, labels, what = editing_inputs(ctx)
     if args.evaluate:
         ctx.evaluator()
     own = labels if ctx.config.CONDITIONAL and not args.digit else None
     settings = ctx.settings(ctx.guidances[0])
-    print(f"SDEdit of {len(images)} test images at strength {', '.join(f'{s:g}' for s in args.strength)}"
+    print(f"SDEdit of {len(images)} {what} at strength {', '.join(f'{s:g}' for s in args.strength)}"
           f": {settings.label}, guidance {settings.guidance:g}, toward "
           + (format_classes(ctx.config, ctx.classes) if args.digit else
              "each image's own class" if own is not None else "nothing in particular"))
@@ -326,8 +356,11 @@ def job_edit(ctx: Context) -> list[Path]:
     return [ctx.paths["edit"]]
 
 
-def right_class(ctx: Context, images, target) -> float:
-    """The share of `images` the evaluation classifier reads as `target`."""
+def right_class(ctx: Context, images, target) -> float | None:
+    """The share of `images` the evaluation classifier reads as `target` (None: no target,
+    e.g. files of no known class with no --digit to aim at)."""
+    if target is None:
+        return None
     _, probs = predict(ctx.evaluator().classifier, images)
     return float((probs.argmax(1) == target.cpu()).double().mean())
 
@@ -337,7 +370,9 @@ def format_editing(scores: list[dict], title: str) -> str:
     for s in scores:
         what = (f"  {s['method']} (x{s['resample']})" if "method" in s
                 else f"  strength {s['strength']:g}")
-        lines.append(f"{what:<40} right class {100 * s['right_class']:5.1f}%"
+        right = ("right class     -  (no class known: aim with --digit)"
+                 if s["right_class"] is None else f"right class {100 * s['right_class']:5.1f}%")
+        lines.append(f"{what:<40} {right}"
                      + (f"   known pixels changed by at most {s['known_pixel_error']:.2g}"
                         if "known_pixel_error" in s else
                         f"   distance to the input {s['distance_to_input']:.3f}"))
@@ -517,3 +552,22 @@ def save_editing_scores(ctx: Context) -> list[Path]:
     name = f"eval_{Path(str(args.checkpoint)).stem}_editing_n{args.inputs}.json"
     return [save_json({"checkpoint": str(args.checkpoint), "seed": args.seed, **ctx.results},
                       unused(ctx.out_dir / name))]
+
+
+def choose_checkpoint(args) -> str:
+    """--checkpoint, else the newest run's (saying how to go back to the shipped model),
+    else the pretrained model that ships with the repo (said in one line)."""
+    if args.checkpoint:
+        return args.checkpoint
+    newest = dist.broadcast_object(newest_checkpoint())
+    if newest is not None:
+        print(f"drawing from the newest run, {newest}"
+              + (" (the model that ships with the repo: --checkpoint pretrained)"
+                 if pretrained.available() else ""))
+        return str(newest)
+    if pretrained.available():
+        print("no runs yet: drawing from the pretrained model that ships with the repo "
+              "(python main.py trains your own in 15 minutes)")
+        return pretrained.NAME
+    raise ConfigError("no checkpoint found in runs/: train one with python main.py, or name "
+                      "one with --checkpoint")

@@ -156,11 +156,11 @@ def default_count(classes: list[int] | None) -> int:
 
 
 def arrange(images: torch.Tensor, classes: list[int] | None,
-            per_class: int | None = None) -> tuple[torch.Tensor, int]:
+            per_class: int | None = PER_CLASS) -> tuple[torch.Tensor, int]:
     """The picture of images drawn with `labels_for(classes, N)`: (images in reading order,
     images per row). Several classes: row r holds class classes[r]'s images (at most
-    `per_class`). Otherwise a square-ish grid at most MAX_WIDTH wide (at most
-    per_class^2 images... or per_class rows of MAX_WIDTH, whichever is given)."""
+    `per_class`; fewer images than classes: one each, a row each). Otherwise a square-ish
+    grid at most MAX_WIDTH wide, of at most per_class rows. per_class None shows all."""
     k = len(classes or ())
     if k <= 1:
         shown = images if per_class is None else images[:per_class * MAX_WIDTH]
@@ -168,7 +168,7 @@ def arrange(images: torch.Tensor, classes: list[int] | None,
         return shown, width
     per = len(images) // k
     if per == 0:
-        return images, len(images)
+        return images, 1
     rows = images[:per * k].reshape(per, k, *images.shape[1:]).transpose(0, 1)
     rows = rows[:, :per_class] if per_class else rows
     return rows.flatten(0, 1), rows.shape[1]

@@ -160,6 +160,29 @@ def test_inpaint_and_edit_from_the_command_line_with_scores(checkpoints, tmp_pat
     assert [e["strength"] for e in edits] == [0, 0.5] and edits[0]["distance_to_input"] == 0
 
 
+def test_edit_your_own_picture(checkpoints, tmp_path, capsys, shared_evaluator):
+    """--input takes image files (any size: resized to the model's) and test indices."""
+    mine = tmp_path / "mine.png"
+    picture = np.zeros((56, 70), np.uint8)
+    picture[10:46, 30:40] = 255  # a "1", larger than the model's images and not square
+    Image.fromarray(picture).save(mine)
+    out = tmp_path / "out"
+    assert generate.main(["--checkpoint", str(checkpoints[0]), "--inpaint", "--input", str(mine),
+                          "7", "--steps", "3", "--resample", "1", "--completions", "2",
+                          "--quiet", "--output", str(out / "in.png")]) == 0
+    assert "inpainting 2 images given" in capsys.readouterr().out
+    assert Image.open(out / "in.png").size[0] > 0
+    assert generate.main(["--checkpoint", str(checkpoints[0]), "--edit", "--input", str(mine),
+                          "--strength", "0", "1", "--digit", "7", "--steps", "3", "--evaluate",
+                          "--quiet", "--output-dir", str(out), "--output", str(out / "e.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "SDEdit of 1 images given" in printed and "right class" in printed
+    assert generate.main(["--checkpoint", str(checkpoints[0]), "--edit", "--input", "3", "9",
+                          "--strength", "0.5", "--steps", "3", "--quiet", "--output",
+                          str(out / "t.png")]) == 0
+    assert "SDEdit of 2 test images" in capsys.readouterr().out
+
+
 def test_editing_bad_requests_are_one_line(checkpoints, tmp_path, capsys):
     cond, plain = (str(c) for c in checkpoints)
     small = tmp_path / "small.png"
@@ -171,7 +194,9 @@ def test_editing_bad_requests_are_one_line(checkpoints, tmp_path, capsys):
             ([cond, "--edit", "--strength", "2"], "--strength must lie in [0, 1]"),
             ([cond, "--inpaint", "--resample", "0"], "--resample must be positive"),
             ([plain, "--inpaint", "--digit", "3"], "needs a class-conditional checkpoint"),
-            ([cond, "--inpaint", "--inputs", "20000"], "--inputs 20000: the test set has 10,000")):
+            ([cond, "--inpaint", "--inputs", "20000"], "--inputs 20000: the test set has 10,000"),
+            ([cond, "--edit", "--input", "nowhere.png"], "--input nowhere.png: no such file"),
+            ([cond, "--edit", "--input", "10000"], "--input 10000: test-set indices run from 0")):
         line = expect_one_line(capsys, generate.main, ["--checkpoint", *argv, "--quiet",
                                                        "--output", str(tmp_path / "x.png")])
         assert message in line, line

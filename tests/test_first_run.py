@@ -3,6 +3,7 @@ rule everywhere, the plan names what lies outside the budget, and Ctrl-C before 
 is one line."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -74,3 +75,21 @@ def test_status_lines_say_what_each_picture_is(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "DDIM with 5 steps, eta 0 (deterministic)" in out  # not the grid's sampler
     assert "test images #0 (a 7) and #1 (a 2)" in out
+
+
+def test_the_api_draws_the_picture_the_command_line_draws(tiny, tmp_path):
+    """generate_images and generate.py lay out the same images the same way: ten a class
+    at most (a row each), fewer images than classes one a row."""
+    import generate
+    from sampling.api import generate_images, load_model
+
+    trainer = train(tiny(MAX_STEPS=1, CONDITIONAL=True))
+    checkpoint = str(trainer.checkpoint_dir / "latest.pt")
+    model = load_model(checkpoint, "cpu")
+    generate_images(model, 36, digits=[1, 2, 3], save_path=tmp_path / "api.png",
+                    show_images=False, progress=False)
+    assert generate.main(["--checkpoint", checkpoint, "--digit", "1-3", "--num-samples", "36",
+                          "--output", str(tmp_path / "cli.png"), "--quiet"]) == 0
+    api, cli = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("api", "cli"))
+    assert api.shape == cli.shape == (2 * (3 * 30 + 2), 2 * (10 * 30 + 2)) and (api == cli).all()
+    assert arrange(torch.zeros(5, 1, 1, 1), list(range(10)))[1] == 1  # one image, one row each

@@ -82,7 +82,7 @@ def test_quick_start_on_a_fresh_clone_without_network_from_any_folder(tmp_path):
 
     drawn = run("generate.py", "--num-samples", 10, "--quiet")
     assert drawn.returncode == 0, drawn.stderr
-    assert f"newest run: {Path('runs') / run_dir.name / 'latest.pt'}" in drawn.stdout
+    assert f"drawing from the newest run, {Path('runs') / run_dir.name / 'latest.pt'}" in drawn.stdout
     assert "classes 0-9" in drawn.stdout  # the CPU preset learns the labels
     grid = np.asarray(Image.open(clone / "outputs" / "samples.png"))
     # one row per digit, not blank

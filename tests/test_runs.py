@@ -41,7 +41,9 @@ def test_new_runs_get_their_own_folders_and_generate_takes_the_newest(
 
     capsys.readouterr()
     assert generate.main(["--num-samples", "4", "--device", "cpu", "--quiet"]) == 0
-    assert f"newest run: {Path('runs') / folders[1].name / 'latest.pt'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"drawing from the newest run, {Path('runs') / folders[1].name / 'latest.pt'}" in printed
+    assert "(the model that ships with the repo: --checkpoint pretrained)" in printed
     assert main.main(["--resume", "auto", "--max-steps", "5", "--quiet", *data]) == 0
     assert "next: python generate.py   (draws from the newest run" in capsys.readouterr().out
     assert ckpt.load_checkpoint(folders[1] / "latest.pt")["step"] == 5

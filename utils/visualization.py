@@ -172,8 +172,8 @@ def save_labelled_grid(images: torch.Tensor, save_path, ncol: int, column_labels
     ax.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_xticks([centre + cell * i for i in range(ncol)], column_labels, fontsize=8)
     ax.xaxis.tick_top()
-    ax.set_yticks([centre + cell * i for i in range(rows)] if row_labels else [],
-                  row_labels or [], fontsize=8)
+    names = (list(row_labels or []) + [""] * rows)[:rows] if row_labels else []
+    ax.set_yticks([centre + cell * i for i in range(rows)] if names else [], names, fontsize=8)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
