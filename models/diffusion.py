@@ -213,12 +213,10 @@ class DiffusionModel(nn.Module):
         if not cfg and guide_net is None:
             return lambda x, t: network(x, t, plain)
         both = torch.cat([labels, self.null_labels_like(labels)]) if cfg else None
-        log_sigmas = self.scheduler.log_sigmas
-        low, high = (math.log(interval[0]) if interval[0] > 0 else -math.inf,
-                     math.log(interval[1])) if interval else (-math.inf, math.inf)
+        within = self._interval(interval)
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            inside = (log_sigmas.gather(0, t.long()) > low) & (log_sigmas.gather(0, t.long()) <= high)
+            inside = within(t)
             if not inside.any():
                 return network(x, t, plain)
             if cfg:
@@ -237,6 +235,16 @@ class DiffusionModel(nn.Module):
                 out = torch.where(inside.reshape(shape), out, network(x, t, plain))
             return out
         return guided
+
+    def _interval(self, interval: tuple | None):
+        """t -> whether lo < sigma_t <= hi, per image ((B,) bool); all True without one."""
+        if not interval:
+            return lambda t: torch.ones(t.shape, dtype=torch.bool, device=t.device)
+        low = math.log(interval[0]) if interval[0] > 0 else -math.inf
+        high = math.log(interval[1])
+        log_sigmas = self.scheduler.log_sigmas
+        return lambda t: (lambda s: (s > low) & (s <= high))(
+            log_sigmas.gather(0, t.to(log_sigmas.device).long()))
 
     def _network_call(self, precision: str):
         """self.network(x, t, labels), under bf16 autocast (returning float32) if asked."""

@@ -111,14 +111,7 @@ class Trainer:
         seed_everything(config.SEED)
         self.precision = resolve_precision(config.PRECISION, config.DEVICE)
 
-        self.model = DiffusionModel.from_config(config).to(self.device)
-        if config.CHANNELS_LAST:
-            self.model.unet.to(memory_format=torch.channels_last)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema_params = list(self.ema.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=base_lr(config),
-                                           weight_decay=config.WEIGHT_DECAY, fused=True)
+        self._build_model()
         self.generator = torch.Generator(device=self.device).manual_seed(config.SEED + 1)
         self.batcher = self._make_batcher()
         self.steps_per_epoch = len(self.batcher)
@@ -152,6 +145,18 @@ class Trainer:
         self._measured_reserve = False  # whether _reserve was measured (else estimated)
         self._said_grids = False
         self._bins = torch.zeros(2, QUARTILES, device=self.device, dtype=torch.float64)
+
+    def _build_model(self) -> None:
+        """The model, its EMA (what samples) and the optimizer, on the run's device."""
+        config = self._config
+        self.model = DiffusionModel.from_config(config).to(self.device)
+        if config.CHANNELS_LAST:
+            self.model.unet.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema_params = list(self.ema.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=base_lr(config),
+                                           weight_decay=config.WEIGHT_DECAY, fused=True)
 
     def _make_batcher(self):
         config = self._config
