@@ -481,11 +481,11 @@ def npz_config(path) -> Config:
     """The dataset an .npz of samples records, as a Config to evaluate against (MNIST,
     with a note, for files that record none)."""
     recorded = recorded_dataset(path)
-    if recorded is None:
+    samples, _ = load_samples(path, len(recorded["class_names"]) or None if recorded else None)
+    if recorded is None:  # (a file that cannot be scored said why above)
         print(f"note: {path} does not say what its samples are of (older files, or other "
               f"code's): scored against MNIST; --checkpoint CKPT names the dataset")
         return Config(DEVICE="cpu")
-    samples, _ = load_samples(path)
     return Config(DATASET=recorded["dataset"], DATA_DIR=recorded["data_dir"],
                   CLASS_NAMES=recorded["class_names"], CHANNELS=samples.shape[1],
                   IMAGE_SIZE=samples.shape[-1], DEVICE="cpu")
