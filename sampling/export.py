@@ -117,24 +117,14 @@ def _evaluation_flags(result: dict) -> str:
 
 def model_card(config: Config, state: dict, evaluations: list[dict], source: str) -> str:
     """README.md of an exported model: a YAML header the Hub reads, then the facts."""
-    title, hub_id, licence = DATASETS.get(config.DATASET, (None, None, None))
+    title, _, licence = DATASETS.get(config.DATASET, (None, None, None))
     name = title or f"images of {Path(config.DATA_DIR).name or config.DATA_DIR}"
     steps = int(state["step"])
-    card_name = f"{config.DATASET}-diffusion-{config.PRESET}-{steps}-steps"
-    data = ModelCardData(
-        license="mit" if licence else None,
-        datasets=[hub_id] if hub_id else None, pipeline_tag=TASK,
-        tags=["diffusion", "ddpm", "pytorch", config.DATASET]
-        + (["class-conditional"] if config.CONDITIONAL else []),
-        model_name=card_name if evaluations else None,
-        eval_results=[EvalResult(
-            task_type=TASK, dataset_type=hub_id or "imagefolder", dataset_name=name,
-            dataset_split="test", metric_type="fid", metric_value=round(e["fid"], 3),
-            metric_name=f"FID, {e['num_samples']:,} samples, {e.get('sampler', '')} "
-                        f"({name} classifier features)") for e in evaluations] or None)
     parameters = sum(t.numel() for t in state["ema"].values())
+    origin = ("the model that ships with the code (`--checkpoint pretrained`)"
+              if source == pretrained.NAME else f"`{source}`")
     lines = [
-        "---", data.to_yaml(), "---", "",
+        "---", card_data(config, steps, evaluations, name).to_yaml(), "---", "",
         f"# {name} diffusion: {PRESET_NAMES.get(config.PRESET, config.PRESET)}, {steps:,} steps",
         "",
         f"A {'class-conditional ' if config.CONDITIONAL else ''}DDPM (Ho et al. 2020) that "
@@ -142,10 +132,8 @@ def model_card(config: Config, state: dict, evaluations: list[dict], source: str
         f"{parameters / 1e6:.2f}M-parameter UNet predicting {config.PREDICTION}, "
         f"{config.TIMESTEPS:,} timesteps ({config.SCHEDULE_TYPE} schedule)"
         + (", with classifier-free guidance over its classes" if config.CONDITIONAL else "")
-        + ". Its EMA weights, exported from "
-        + ("the model that ships with the code (`--checkpoint pretrained`)"
-           if source == pretrained.NAME else f"`{source}`")
-        + " by `python -m scripts.export` of the MNIST diffusion code.", "",
+        + f". Its EMA weights, exported from {origin} by `python -m scripts.export` of the "
+          f"MNIST diffusion code.", "",
         "| | |", "|---|---|",
         f"| data | {_data(config, name)} |",
         f"| training | {_training(config, state)} |",
@@ -174,6 +162,24 @@ def model_card(config: Config, state: dict, evaluations: list[dict], source: str
     return "\n".join(lines) + "\n"
 
 
+def card_data(config: Config, steps: int, evaluations: list[dict], name: str) -> ModelCardData:
+    """The card's metadata as the Hub reads it: licence, dataset, tags, and each FID as a
+    `model-index` result."""
+    _, hub_id, licence = DATASETS.get(config.DATASET, (None, None, None))
+    return ModelCardData(
+        license="mit" if licence else None, datasets=[hub_id] if hub_id else None,
+        pipeline_tag=TASK,
+        tags=["diffusion", "ddpm", "pytorch", *([config.DATASET] if hub_id else [])]
+        + (["class-conditional"] if config.CONDITIONAL else []),
+        model_name=f"{config.DATASET}-diffusion-{config.PRESET}-{steps}-steps"
+        if evaluations else None,
+        eval_results=[EvalResult(
+            task_type=TASK, dataset_type=hub_id or "imagefolder", dataset_name=name,
+            dataset_split="test", metric_type="fid", metric_value=round(e["fid"], 3),
+            metric_name=f"FID, {e['num_samples']:,} samples, {e.get('sampler', '')} "
+                        f"({name} classifier features)") for e in evaluations] or None)
+
+
 def _data(config: Config, name: str) -> str:
     count = config.TRAIN_SIZE or builtin_train_size(config.DATASET)
     text = f"{name}" + (f", {'the first ' if config.TRAIN_SIZE else ''}{count:,} training "
@@ -184,7 +190,7 @@ def _data(config: Config, name: str) -> str:
 
 
 def _training(config: Config, state: dict) -> str:
-    """Steps, batch, epochs; the time and the machine(s), where recorded."""
+    """Steps, batch, epochs and seed; the time spent training, where recorded."""
     steps = int(state["step"])
     images = config.TRAIN_SIZE or builtin_train_size(config.DATASET)
     epochs = (f"{steps * config.BATCH_SIZE / images:.1f}" if images
@@ -218,7 +224,7 @@ def _scores(config: Config, evaluations: list[dict], name: str) -> list[str]:
                 "--evaluate` scores it (FID on 10,000 samples), and `python -m scripts.export "
                 "--eval FILE` puts the result here."]
     rows = ["| samples | sampler | FID (floor) | classified with p > 0.9 (floor) "
-            "| the class asked for (floor) | command |", "|---|---|---|---|---|---|"]
+            "| the class asked for (floor) | scored by |", "|---|---|---|---|---|---|"]
     for e in evaluations:
         floor = e.get("floor") or {}
         rows.append(f"| {e['num_samples']:,} | {e.get('sampler', '?')}"
