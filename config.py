@@ -16,6 +16,7 @@ import inspect
 import math
 import os
 import re
+import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,6 +346,38 @@ COMMON = ("EPOCHS", "MAX_MINUTES", "MAX_STEPS", "BATCH_SIZE", "LEARNING_RATE", "
 def flag_for(name: str) -> str:
     """Command-line flag of a Config field: BATCH_SIZE -> --batch-size."""
     return FLAG_NAMES.get(name, "--" + name.lower().replace("_", "-"))
+
+
+# Where a run writes and runs: not part of the command that trains its model again.
+RUN_LOCAL = {"CHECKPOINT_DIR", "OUTPUT_DIR", "DEVICE"}
+
+
+def training_command(config: Config) -> str:
+    """The `python main.py` command that trains `config` again: its preset, then the flags of
+    the settings that differ from what that preset gives (each flag only where it is needed;
+    folders and the device left out, and the data folder for the built-in datasets)."""
+    local = RUN_LOCAL | ({"DATA_DIR"} if config.DATASET != "folder" else set())
+    names = [f.name for f in dataclasses.fields(Config) if f.name not in NOT_FLAGS | local]
+    start = {"DEVICE": config.DEVICE}
+
+    def differs(given: dict) -> bool:
+        made = Config.from_preset(config.PRESET, **start, **given)
+        return any(getattr(made, name) != getattr(config, name) for name in names)
+
+    given = {name: getattr(config, name) for name in names
+             if getattr(Config.from_preset(config.PRESET, **start), name) != getattr(config, name)}
+    for name in list(given):  # e.g. --max-minutes 0 is implied by --max-steps N
+        value = given.pop(name)
+        if differs(given):
+            given[name] = value
+    flags = []
+    for name, value in given.items():
+        if isinstance(value, bool):
+            flags.append(flag_for(name) if value else "--no-" + flag_for(name)[2:])
+        else:
+            flags += [flag_for(name), *map(str, value)] if isinstance(value, tuple) else \
+                [flag_for(name), shlex.quote(str(value))]
+    return " ".join(["python main.py", "--preset", config.PRESET, *flags])
 
 
 def _source_lines() -> list[str]:

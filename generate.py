@@ -62,7 +62,8 @@ def build_parser() -> OneLineArgumentParser:
 
 
 def _what_to_draw(g) -> None:
-    g.add_argument("--checkpoint", help="checkpoint written by main.py, or 'pretrained' (the "
+    g.add_argument("--checkpoint", help="checkpoint written by main.py, a model folder written "
+                                        "by python -m scripts.export, or 'pretrained' (the "
                                         "model that ships with the repo) (default: latest.pt of "
                                         "the newest run in runs/, else pretrained)")
     g.add_argument("--output", help="PNG path of the picture; with several pictures, the grid's, "

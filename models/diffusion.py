@@ -7,6 +7,7 @@ including classifier-free guidance for class-conditional models (`denoiser`).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from config import Config, ConfigError
 from models import samplers
 from models.unet import UNet
-from utils import allocator
+from utils import allocator, hub
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.noise_scheduler import PREDICTIONS, NoiseScheduler
 from utils.seeding import PerSampleNoise
@@ -79,22 +80,28 @@ class DiffusionModel(nn.Module):
     def from_checkpoint(cls, path, device="cpu", ema: bool = True):
         """Rebuild the model from a checkpoint alone: returns (model in eval mode, Config).
 
-        ema=True loads the averaged weights used for sampling; False the raw weights. A
-        checkpoint that keeps an early snapshot for autoguidance gives it as `model.guide`.
-        Raises utils.checkpoint.CheckpointError for a bad file.
+        `path` is a checkpoint file of main.py, or a model folder in the Hugging Face layout
+        (utils/hub.py: config.json and model.safetensors, as scripts/export.py writes).
+        ema=True loads the averaged weights used for sampling; False the raw weights (a
+        training checkpoint's). A checkpoint that keeps an early snapshot for autoguidance
+        gives it as `model.guide`. Raises utils.checkpoint.CheckpointError for a bad file.
         """
-        state = load_checkpoint(path)
+        folder = Path(path).is_dir()
+        state = hub.read_folder(path) if folder else load_checkpoint(path)
+        if not ema and "model" not in state:
+            raise CheckpointError(f"{path} holds the averaged (EMA) weights only; the raw "
+                                  f"weights are in the checkpoints of the run that trained it")
+        named = (lambda name: Path(path) / name) if folder else (lambda name: f"checkpoint {path}")
         try:
             config = Config.from_dict(state["config"]).validate()
             model = cls.from_config(config)
-            model.load_state_dict(state["ema" if ema else "model"])
-            if isinstance(state.get("guide"), dict):  # the run's early snapshot (GUIDE_AT)
-                guide = cls.from_config(config)
-                guide.load_state_dict(state["guide"])
-                model.set_guide(guide)
         except (ConfigError, RuntimeError, TypeError, ValueError) as error:
-            raise CheckpointError(f"checkpoint {path} does not describe a model this code can "
-                                  f"build: {str(error).splitlines()[0][:200]}") from None
+            raise CheckpointError(f"{named(hub.CONFIG)} does not describe a model this code "
+                                  f"can build: {_first_reason(error)}") from None
+        _load_weights(model, state["ema" if ema else "model"], named(hub.WEIGHTS))
+        if isinstance(state.get("guide"), dict):  # the run's early snapshot (GUIDE_AT)
+            model.set_guide(_load_weights(cls.from_config(config), state["guide"],
+                                          named(hub.GUIDE)))
         return model.to(device).eval().requires_grad_(False), config
 
     @property
@@ -361,3 +368,22 @@ class DiffusionModel(nn.Module):
         if not images:
             return torch.empty(0, *self.image_shape, device=self.scheduler.betas.device)
         return torch.cat(images)
+
+
+def _load_weights(model: DiffusionModel, weights: dict, source) -> DiffusionModel:
+    """`model` with `weights` loaded; CheckpointError naming `source` if they do not fit."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{source} does not fit the model its config describes: "
+                              f"{_first_reason(error)}") from None
+    return model
+
+
+def _first_reason(error: BaseException) -> str:
+    """An error's first informative line: for load_state_dict's, the first mismatch
+    ("size mismatch for unet...", "Missing key(s) ...") rather than its heading."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    return lines[0][:240] if lines else type(error).__name__

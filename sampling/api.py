@@ -33,7 +33,9 @@ from utils.visualization import (display_available, plot_images, save_chain, sav
 def load_model(checkpoint_path="pretrained", device=None, ema: bool = True) -> DiffusionModel:
     """The DiffusionModel of a checkpoint, in eval mode on `device` (default: CUDA if
     present), ready to sample; `model.config` is the Config it was trained with.
-    "pretrained" is the model that ships with the repo (its SHA-256 checked). ema=False
+    `checkpoint_path`: a checkpoint of main.py, a model folder of `python -m scripts.export`
+    (config.json, model.safetensors), or "pretrained", the model that ships with the repo
+    (its SHA-256 checked). ema=False
     loads the raw weights instead of their average. Raises CheckpointError (one line)
     for a missing or bad file."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

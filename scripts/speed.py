@@ -64,6 +64,7 @@ from sampling.settings import choose_classes, labels_for, resolve
 from utils import allocator
 from utils.errors import UsageError, report_errors
 from utils.files import save_json
+from utils.machine import cpu_name
 
 PROG = "python -m scripts.speed"
 VARIANTS = ("eager", "default-malloc", "inference-mode", "channels-last", "compile",
@@ -132,15 +133,8 @@ def last_line(error: BaseException) -> str:
 
 def machine(threads: int) -> dict:
     """The CPU model, cores, threads used, torch and the optional runtimes' versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     versions = {package: installed(package) for package in ("onnxruntime", "openvino")}
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), **versions,
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "allocator_tuned": allocator.tune()}

@@ -6,6 +6,7 @@ own data/MNIST/raw (the shipped .gz files), or from $MNIST_DATA_DIR.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,37 @@ def start_script(script: str, *args, cwd=ROOT, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
                             env=env or script_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def fresh_clone(tmp_path: Path) -> Path:
+    """The working tree as git would check it out: tracked and new files, no generated ones."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    clone = tmp_path / "clone"
+    for name in files:
+        source = ROOT / name
+        if source.is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, clone / name)
+    return clone
+
+
+NO_NETWORK = '''
+import socket
+def _refuse(*args, **kwargs):
+    raise OSError("network disabled by the test")
+socket.socket.connect = _refuse
+socket.create_connection = _refuse
+'''
+
+
+def offline_guard(tmp_path: Path) -> Path:
+    """A folder whose sitecustomize.py refuses every network connection: on the
+    PYTHONPATH of a process, it runs that process offline."""
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NO_NETWORK)
+    return guard
 
 
 def expect_one_line(capsys, entry, argv, code: int = 2) -> str:

@@ -14,20 +14,12 @@ from PIL import Image
 
 import main
 from config import PRESETS, Config
-from helpers import ROOT, expect_one_line, quiet
+from helpers import ROOT, expect_one_line, fresh_clone, offline_guard, quiet
 from utils.checkpoint import load_checkpoint
 from utils.datasets import DataDamagedError, idx, mnist, open_dataset
 
 SHIPPED = ROOT / "data" / "MNIST" / "raw"
 MNIST_FILES = idx.ALL_FILES
-
-NO_NETWORK = '''
-import socket
-def _refuse(*args, **kwargs):
-    raise OSError("network disabled by the test")
-socket.socket.connect = _refuse
-socket.create_connection = _refuse
-'''
 
 
 def test_the_repo_ships_the_four_published_files():
@@ -37,31 +29,16 @@ def test_the_repo_ships_the_four_published_files():
         idx.read_verified(SHIPPED, name, mnist.FAMILY)  # its content is the published file
 
 
-def _fresh_clone(tmp_path: Path) -> Path:
-    """The working tree as git would check it out: tracked and new files, no generated ones."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    clone = tmp_path / "clone"
-    for name in files:
-        source = ROOT / name
-        if source.is_file():
-            (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, clone / name)
-    return clone
-
-
 @pytest.mark.slow
 def test_quick_start_on_a_fresh_clone_without_network_from_any_folder(tmp_path):
     """The README's quick start on a fresh clone with sockets disabled, run from the
     clone and from another folder (the scripts and the Python API find the shipped MNIST
     wherever they run; nothing is written into the data folder)."""
-    clone = _fresh_clone(tmp_path)
+    clone = fresh_clone(tmp_path)
     raw = clone / "data" / "MNIST" / "raw"
     shipped = sorted(p.name for p in raw.iterdir())
     assert shipped == sorted(f"{n}.gz" for n in MNIST_FILES)  # only the .gz are shipped
-    guard = tmp_path / "guard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(NO_NETWORK)
+    guard = offline_guard(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(guard), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
     elsewhere = tmp_path / "notebooks"
     elsewhere.mkdir()

@@ -36,7 +36,7 @@ from sampling.api import guidance_strip
 from sampling.settings import arrange, for_training, labels_for, resolve_precision, row_labels
 from training.logging import GUIDANCE_STRIP, RunInfo, RunLogger, make_loggers
 from training.schedules import EmaSchedule, base_lr, lr_at
-from utils import allocator
+from utils import allocator, machine
 from utils import checkpoint as ckpt
 from utils import distributed as dist
 from utils.data_loader import DataLoaderBatcher, InMemoryBatcher
@@ -125,6 +125,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.elapsed = 0.0  # seconds spent in training steps, summed over resumes
         self.stretches: list[dict] = []  # {"step", "world_size"} where each stretch of training began
+        self.machines: list[dict] = []  # {"step", **utils.machine.record} where training moved to a machine
         self.guide_step: int | None = None  # the step of the EMA snapshot kept as autoguidance's guide
         if resume is not None:
             self.load_state(resume)
@@ -402,6 +403,9 @@ class Trainer:
         out_dir = Path(cfg.OUTPUT_DIR)
         if not self.stretches or self.stretches[-1]["world_size"] != dist.world_size():
             self.stretches.append({"step": self.step, "world_size": dist.world_size()})
+        here = machine.record(self.device)
+        if not self.machines or {**self.machines[-1], "step": self.step} != {"step": self.step, **here}:
+            self.machines.append({"step": self.step, **here})
 
         def prepare():
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -755,6 +759,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "generator": self.generator.get_state(),
             "stretches": self.stretches,
+            "machines": self.machines,
             "rng": capture_rng_state(),
             **({"guide": self.ema.guide.state_dict(), "guide_step": self.guide_step}
                if self.ema.guide is not None else {}),
@@ -808,6 +813,7 @@ class Trainer:
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         self.elapsed = float(state.get("elapsed", 0.0))
         self.stretches = [dict(s) for s in state.get("stretches", [])]
+        self.machines = [dict(m) for m in state.get("machines", [])]
         if isinstance(state.get("guide"), dict):
             self.keep_guide()
             self.ema.guide.load_state_dict(state["guide"])

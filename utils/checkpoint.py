@@ -72,15 +72,19 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         if key not in state:
             raise CheckpointError(f"checkpoint {path} lacks its '{key}' entry")
     for key in ("ema", "model"):
-        weights = state[key]
-        if isinstance(weights, dict):
-            bad = next((name for name, value in weights.items() if torch.is_tensor(value)
-                        and value.is_floating_point() and not torch.isfinite(value).all()), None)
-            if bad is not None:
-                raise CheckpointError(f"checkpoint {path} holds non-finite weights ({key}: "
-                                      f"{bad}); it cannot draw anything: use an earlier "
-                                      f"checkpoint of the run")
+        bad = non_finite(state[key]) if isinstance(state[key], dict) else None
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path} holds non-finite weights ({key}: "
+                                  f"{bad}); it cannot draw anything: use an earlier "
+                                  f"checkpoint of the run")
     return state
+
+
+def non_finite(weights: dict) -> str | None:
+    """The name of the first floating-point tensor of a state dict that holds a NaN or an
+    infinity, or None."""
+    return next((name for name, value in weights.items() if torch.is_tensor(value)
+                 and value.is_floating_point() and not torch.isfinite(value).all()), None)
 
 
 def periodic_name(epoch: int) -> str:
