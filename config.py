@@ -33,10 +33,10 @@ LossWeighting = Literal["none", "min-snr", "sigmoid"]
 TimestepSampling = Literal["uniform", "lognormal"]
 LRSchedule = Literal["constant", "linear", "cosine", "wsd"]
 EMARule = Literal["constant", "power"]
-Sampler = Literal["ddpm", "ddim", "dpm-solver", "consistency"]
+Sampler = Literal["ddpm", "ddim", "dpm-solver", "dpm-solver-3m", "consistency"]
 Precision = Literal["auto", "fp32", "bf16"]
 Preset = Literal["none", "cpu"]
-Spacing = Literal["auto", "time", "quadratic", "logsnr", "trailing"]
+Spacing = Literal["auto", "time", "quadratic", "logsnr", "trailing", "trailing-v1", "tuned"]
 DistillMethod = Literal["progressive", "consistency"]
 MIN_EVAL_SAMPLES = 10  # fewer cannot estimate a covariance or a k-NN radius (k = 3)
 DatasetName = Literal[DATASETS]
@@ -117,10 +117,11 @@ class Config:
     EVAL_SAMPLES: int = 1000  # samples per evaluation during training
 
     # --- sampling ---
-    SAMPLER: Sampler = "dpm-solver"  # sampler for grids and evaluation
+    SAMPLER: Sampler = "dpm-solver"  # sampler for grids and evaluation (dpm-solver is DPM-Solver++(2M), dpm-solver-3m its third-order form)
     SAMPLING_STEPS: int = 20  # network evaluations per sample (ddpm always uses TIMESTEPS)
     ETA: float = 0.0  # sampler noise: 0 = deterministic; 1 = ancestral (ddim), the SDE (dpm-solver)
-    SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim
+    SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim; trailing = T(1 - k/steps) - 1 (Lin et al.); tuned = those scripts/tune_steps.py found
+    TUNED_TIMESTEPS: tuple = ()  # the timesteps of --spacing tuned, from T-1 down (recorded by scripts/tune_steps.py)
     AUTOGUIDANCE: float = 1.0  # autoguidance A: guide + A (model - guide), the guide the GUIDE_AT snapshot; 1 = off
     GUIDANCE: float = 1.0  # classifier-free guidance W: eps_u + W (eps_c - eps_u); 0 = unconditional, 1 = plain conditional (the best FID: docs/evaluation.md)
 
@@ -265,6 +266,11 @@ class Config:
         if self.SAMPLING_STEPS > self.TIMESTEPS:
             raise ConfigError(f"--sampling-steps ({self.SAMPLING_STEPS}) cannot exceed "
                               f"--timesteps ({self.TIMESTEPS})")
+        tuned = self.TUNED_TIMESTEPS
+        if tuned and (tuned[0] != self.TIMESTEPS - 1 or tuned[-1] < 0
+                      or any(a <= b for a, b in zip(tuned, tuned[1:]))):
+            raise ConfigError(f"the tuned timesteps {' '.join(map(str, tuned))} are not "
+                              f"decreasing from {self.TIMESTEPS - 1} down to 0 or above")
         if self.DISTILL and not 1 <= self.STUDENT_STEPS <= self.TEACHER_STEPS <= self.TIMESTEPS:
             raise ConfigError(f"--student-steps ({self.STUDENT_STEPS}) and --teacher-steps "
                               f"({self.TEACHER_STEPS}) need 1 <= student <= teacher <= "
@@ -336,7 +342,7 @@ FLAG_NAMES = {"LEARNING_RATE": "--lr", "SCHEDULE_TYPE": "--schedule"}
 # start of its --log-dir and --logs-specs), so under torchrun it is spelled --logger.
 FLAG_ALIASES = {"LOG": ("--logger",)}
 # Fields that are recorded, not asked for: no flag.
-NOT_FLAGS = {"PRESET", "CLASS_NAMES", "DATA_FINGERPRINT"}
+NOT_FLAGS = {"PRESET", "CLASS_NAMES", "DATA_FINGERPRINT", "TUNED_TIMESTEPS"}
 # The flags most runs need, shown first in --help.
 COMMON = ("EPOCHS", "MAX_MINUTES", "MAX_STEPS", "BATCH_SIZE", "LEARNING_RATE", "CONDITIONAL",
           "DATASET", "DATA_DIR", "DEVICE", "SEED", "LOG")
