@@ -13,7 +13,7 @@ import torch
 
 import generate
 import main
-from config import Config, ConfigError, config_for_resume
+from config import Config, config_for_resume
 from helpers import assert_same_weights, expect_one_line, quiet, stop_by_signal_after
 from training.trainer import TrainingInterrupted
 from models import samplers
