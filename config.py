@@ -294,10 +294,11 @@ class Config:
                               f"--timesteps ({self.TIMESTEPS})")
         ratio = self.TEACHER_STEPS // self.STUDENT_STEPS
         if self.DISTILL_METHOD == "progressive" and (
-                ratio * self.STUDENT_STEPS != self.TEACHER_STEPS or ratio & (ratio - 1)):
+                ratio < 2 or ratio * self.STUDENT_STEPS != self.TEACHER_STEPS
+                or ratio & (ratio - 1)):
             raise ConfigError(f"progressive distillation halves the steps each round: "
                               f"--teacher-steps ({self.TEACHER_STEPS}) must be --student-steps "
-                              f"({self.STUDENT_STEPS}) times a power of 2")
+                              f"({self.STUDENT_STEPS}) times a power of 2 (2, 4, 8, ...)")
 
     def _check_model(self) -> None:
         """The UNet's shape against the image's, the closed sets, the device."""

@@ -190,6 +190,8 @@ def test_bad_distillation_requests_are_one_line(teacher, tmp_path, capsys):
         (["--distill", str(teacher), "--model-channels", "32"], "differs from the teacher's"),
         (["--distill", str(teacher), "--student-steps", "16", "--teacher-steps", "8"],
          "need 1 <= student <= teacher"),
+        (["--distill", str(teacher), "--student-steps", "8", "--teacher-steps", "8"],
+         "must be --student-steps (8) times a power of 2"),
         (["--distill", str(teacher), "--student-steps", "0"], "--student-steps (0)"),
         (["--distill", str(teacher), "--student-steps", "1001"], "--student-steps (1001)"),
         (["--distill", str(teacher), "--student-steps", "1000"], "--student-steps (1000)"),
