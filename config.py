@@ -34,11 +34,11 @@ LossWeighting = Literal["none", "min-snr", "sigmoid"]
 TimestepSampling = Literal["uniform", "lognormal"]
 LRSchedule = Literal["constant", "linear", "cosine", "wsd"]
 EMARule = Literal["constant", "power"]
-Sampler = Literal["ddpm", "ddim", "dpm-solver", "consistency"]
+Sampler = Literal["ddpm", "ddim", "dpm-solver", "dpm-solver-3m", "consistency"]
 Precision = Literal["auto", "fp32", "bf16"]
 Preset = Literal["none", "cpu"]
-Spacing = Literal["auto", "time", "quadratic", "logsnr", "trailing"]
-DistillMethod = Literal["progressive", "consistency"]
+Spacing = Literal["auto", "time", "quadratic", "logsnr", "trailing", "trailing-v1", "tuned"]
+DistillMethod = Literal["progressive", "consistency", "ect"]
 MIN_EVAL_SAMPLES = 10  # fewer cannot estimate a covariance or a k-NN radius (k = 3)
 DatasetName = Literal[DATASETS]
 LogBackend = Literal["files", "tensorboard"]
@@ -118,18 +118,20 @@ class Config:
     EVAL_SAMPLES: int = 1000  # samples per evaluation during training
 
     # --- sampling ---
-    SAMPLER: Sampler = "dpm-solver"  # sampler for grids and evaluation
+    SAMPLER: Sampler = "dpm-solver"  # sampler for grids and evaluation (dpm-solver is DPM-Solver++(2M), dpm-solver-3m its third-order form)
     SAMPLING_STEPS: int = 20  # network evaluations per sample (ddpm always uses TIMESTEPS)
     ETA: float = 0.0  # sampler noise: 0 = deterministic; 1 = ancestral (ddim), the SDE (dpm-solver)
-    SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim
+    SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim; trailing = T(1 - k/steps) - 1 (Lin et al.); tuned = those scripts/tune_steps.py found
+    TUNED_TIMESTEPS: tuple = ()  # the timesteps of --spacing tuned, from T-1 down (recorded by scripts/tune_steps.py)
     AUTOGUIDANCE: float = 1.0  # autoguidance A: guide + A (model - guide), the guide the GUIDE_AT snapshot; 1 = off
     GUIDANCE: float = 1.0  # classifier-free guidance W: eps_u + W (eps_c - eps_u); 0 = unconditional, 1 = plain conditional (the best FID: docs/evaluation.md)
 
     # --- distillation ---
     DISTILL: str = ""  # a trained checkpoint to distil into a student that samples in STUDENT_STEPS steps ('' = train on data)
-    DISTILL_METHOD: DistillMethod = "progressive"  # progressive (Salimans & Ho 2022) or consistency (Song et al. 2023)
+    DISTILL_METHOD: DistillMethod = "progressive"  # progressive (Salimans & Ho 2022), consistency (Song et al. 2023) or ect, easy consistency tuning (Geng et al. 2024)
     STUDENT_STEPS: int = 4  # network evaluations per image of the distilled student
-    TEACHER_STEPS: int = 64  # the teacher's deterministic (DDIM) steps the distillation starts from
+    TEACHER_STEPS: int = 64  # the teacher's deterministic (DDIM) steps the distillation starts from (not used by ect)
+    TEACHER_GUIDANCE: float = 1.0  # the guidance W of the teacher's outputs a student learned (baked in: it samples at --guidance 1)
 
     # --- provenance ---
     PRESET: Preset = "none"  # the preset this run started from (set by --preset; none = the defaults)
@@ -179,10 +181,17 @@ class Config:
         kept = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
         if kept.get("DATA_DIR") == "./data":
             kept["DATA_DIR"] = ""
+        if kept.get("DISTILL") and "TEACHER_GUIDANCE" not in kept:
+            # a student saved before TEACHER_GUIDANCE was recorded: its GUIDANCE was baked
+            # into its targets, and it was trained on the trailing grid of that time
+            kept.update(TEACHER_GUIDANCE=kept.get("GUIDANCE", 1.0), GUIDANCE=1.0)
+            if kept.get("SPACING") == "trailing":
+                kept["SPACING"] = "trailing-v1"
         return cls(**kept)
 
     def validate(self) -> "Config":
         """Raise ConfigError naming the flag for the first setting that cannot work."""
+        self._check_distillation()
         self._check_numbers()
         self._check_data()
         self._check_ranges()
@@ -266,16 +275,31 @@ class Config:
         if self.SAMPLING_STEPS > self.TIMESTEPS:
             raise ConfigError(f"--sampling-steps ({self.SAMPLING_STEPS}) cannot exceed "
                               f"--timesteps ({self.TIMESTEPS})")
-        if self.DISTILL and not 1 <= self.STUDENT_STEPS <= self.TEACHER_STEPS <= self.TIMESTEPS:
+        tuned = self.TUNED_TIMESTEPS
+        if tuned and (tuned[0] != self.TIMESTEPS - 1 or tuned[-1] < 0
+                      or any(a <= b for a, b in zip(tuned, tuned[1:]))):
+            raise ConfigError(f"the tuned timesteps {' '.join(map(str, tuned))} are not "
+                              f"decreasing from {self.TIMESTEPS - 1} down to 0 or above")
+
+    def _check_distillation(self) -> None:
+        """A student's steps (first: they also become its --sampling-steps)."""
+        if not self.DISTILL:
+            return
+        if self.DISTILL_METHOD == "ect" and not 1 <= self.STUDENT_STEPS <= self.TIMESTEPS:
+            raise ConfigError(f"--student-steps ({self.STUDENT_STEPS}) must lie in 1 .. "
+                              f"--timesteps ({self.TIMESTEPS})")
+        if self.DISTILL_METHOD != "ect" and not (
+                1 <= self.STUDENT_STEPS <= self.TEACHER_STEPS <= self.TIMESTEPS):
             raise ConfigError(f"--student-steps ({self.STUDENT_STEPS}) and --teacher-steps "
                               f"({self.TEACHER_STEPS}) need 1 <= student <= teacher <= "
                               f"--timesteps ({self.TIMESTEPS})")
         ratio = self.TEACHER_STEPS // self.STUDENT_STEPS
-        if self.DISTILL and self.DISTILL_METHOD == "progressive" and (
-                ratio * self.STUDENT_STEPS != self.TEACHER_STEPS or ratio & (ratio - 1)):
+        if self.DISTILL_METHOD == "progressive" and (
+                ratio < 2 or ratio * self.STUDENT_STEPS != self.TEACHER_STEPS
+                or ratio & (ratio - 1)):
             raise ConfigError(f"progressive distillation halves the steps each round: "
                               f"--teacher-steps ({self.TEACHER_STEPS}) must be --student-steps "
-                              f"({self.STUDENT_STEPS}) times a power of 2")
+                              f"({self.STUDENT_STEPS}) times a power of 2 (2, 4, 8, ...)")
 
     def _check_model(self) -> None:
         """The UNet's shape against the image's, the closed sets, the device."""
@@ -337,7 +361,7 @@ FLAG_NAMES = {"LEARNING_RATE": "--lr", "SCHEDULE_TYPE": "--schedule"}
 # start of its --log-dir and --logs-specs), so under torchrun it is spelled --logger.
 FLAG_ALIASES = {"LOG": ("--logger",)}
 # Fields that are recorded, not asked for: no flag.
-NOT_FLAGS = {"PRESET", "CLASS_NAMES", "DATA_FINGERPRINT"}
+NOT_FLAGS = {"PRESET", "CLASS_NAMES", "DATA_FINGERPRINT", "TUNED_TIMESTEPS", "TEACHER_GUIDANCE"}
 # The flags most runs need, shown first in --help.
 COMMON = ("EPOCHS", "MAX_MINUTES", "MAX_STEPS", "BATCH_SIZE", "LEARNING_RATE", "CONDITIONAL",
           "DATASET", "DATA_DIR", "DEVICE", "SEED", "LOG")

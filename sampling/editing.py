@@ -186,7 +186,9 @@ def sdedit(model, images: torch.Tensor, strength: float, settings: SamplingSetti
     x, _ = scheduler.add_noise(x0, _full(x0, start), noise.initial())
     denoiser = model.denoiser(settings.precision, labels, settings.guidance,
                               settings.guidance_rescale)
-    spacing = None if settings.spacing == "auto" else settings.spacing
+    # tuned timesteps (a tuple) begin at T-1, an edit part-way: it takes the sampler's default
+    named = isinstance(settings.spacing, str) and settings.spacing != "auto"
+    spacing = settings.spacing if named else None
     x = samplers.sample(denoiser, scheduler, x, sampler, steps, eta, noise, model.prediction,
                         model.clip_x0, spacing=spacing, start=start)
     return x.clamp(-1, 1)

@@ -1,7 +1,8 @@
 """The rules every sampling path follows, each written once.
 
 - `resolve`: the sampler, steps, eta, spacing, guidance and precision of a draw, from
-  what was asked with the checkpoint's settings as defaults; ddpm takes every timestep.
+  what was asked with the checkpoint's settings as defaults; ddpm takes every timestep;
+  spacing 'tuned' is the checkpoint's TUNED_TIMESTEPS, and their count the steps.
 - `labels_for`: image i of a draw for classes c_0 .. c_{k-1} is of class c_{i mod k}, so
   image i depends only on (seed, i, its class) whatever the batch or the process.
 - `arrange`: the one layout of every picture of samples: one row per class asked for
@@ -30,7 +31,7 @@ class SamplingSettings:
     sampler: str
     steps: int
     eta: float
-    spacing: str
+    spacing: str | tuple  # a spacing's name, or the timesteps themselves (tuned)
     guidance: float = 1.0
     guidance_rescale: float = 0.0
     precision: str = "fp32"
@@ -43,8 +44,9 @@ class SamplingSettings:
         names of output files."""
         text = f"{self.sampler}-{self.steps}"
         if self.sampler != "ddpm":
+            spacing = self.spacing if isinstance(self.spacing, str) else "tuned"
             text += (f"-eta{self.eta:g}" if self.eta else "") + (
-                f"-{self.spacing}" if self.spacing != "auto" else "")
+                f"-{spacing}" if spacing != "auto" else "")
         if self.autoguidance != 1:
             text += f"-ag{self.autoguidance:g}"
         if self.interval:
@@ -87,11 +89,25 @@ def resolve(config: Config, sampler: str | None = None, steps: int | None = None
     """What to sample with: each value as asked, else the checkpoint's (`config`).
 
     ddpm is ancestral sampling over every timestep: it takes all TIMESTEPS steps, and
-    asking it for another count is a ConfigError that names the respaced equivalent."""
+    asking it for another count is a ConfigError that names the respaced equivalent.
+    Spacing 'tuned' becomes the checkpoint's TUNED_TIMESTEPS (scripts/tune_steps.py), which
+    set the steps too."""
     sampler = sampler or config.SAMPLER
     timesteps = config.TIMESTEPS
+    spacing = spacing or config.SPACING
+    if spacing == "tuned":
+        spacing = tuple(config.TUNED_TIMESTEPS)
+        if not spacing:
+            raise ConfigError("--spacing tuned: this checkpoint records no tuned timesteps; "
+                              "find them with: python -m scripts.tune_steps --checkpoint CKPT "
+                              "--steps N")
     if steps is None:
-        steps = timesteps if sampler == "ddpm" else min(config.SAMPLING_STEPS, timesteps)
+        steps = (len(spacing) if not isinstance(spacing, str) else
+                 timesteps if sampler == "ddpm" else min(config.SAMPLING_STEPS, timesteps))
+    if not isinstance(spacing, str) and steps != len(spacing):
+        raise ConfigError(f"--steps {steps}: the tuned timesteps are {len(spacing)} "
+                          f"({' '.join(map(str, spacing))}); leave out --steps, or choose "
+                          f"another --spacing")
     if steps > timesteps:
         raise ConfigError(f"--steps {steps} exceeds the checkpoint's {timesteps} timesteps")
     if sampler == "ddpm" and steps != timesteps:
@@ -99,7 +115,7 @@ def resolve(config: Config, sampler: str | None = None, steps: int | None = None
                           f"{steps} use --sampler ddim --eta 1 (the same sampler, respaced)")
     return SamplingSettings(sampler=sampler, steps=steps,
                             eta=config.ETA if eta is None else eta,
-                            spacing=spacing or config.SPACING,
+                            spacing=spacing,
                             guidance=config.GUIDANCE if guidance is None else guidance,
                             guidance_rescale=guidance_rescale,
                             precision=resolve_precision(precision, device),

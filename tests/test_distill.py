@@ -1,8 +1,12 @@
 """Distillation into a few-step student: the loss falls, a progressive student at k steps
 matches its teacher's 2k steps closer than the undistilled model does, a consistency
-student is more consistent along the teacher's trajectory, resume is exact, generate.py
-samples a student with no flag, and the bad requests are one line."""
+student is more consistent along the teacher's trajectory, ect's pairs close in on one
+timestep over its stages, the later progressive rounds train longer, a guided teacher's
+guidance is applied once, resume is exact, generate.py samples a student with no flag
+(an older student on the grid it was trained on), and the bad requests are one line."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -15,8 +19,11 @@ from training.trainer import TrainingInterrupted
 from models import samplers
 from models.diffusion import DiffusionModel
 from sampling import pretrained
-from training.distill import Distiller, distillation_config
+from sampling.settings import resolve
+from training.distill import (ECT_P_MEAN, ECT_P_STD, ECT_STAGES, Distiller, distillation_config,
+                              ect_partner, round_starts)
 from utils import checkpoint as ckpt
+from utils.noise_scheduler import NoiseScheduler
 from utils.seeding import PerSampleNoise
 
 
@@ -25,6 +32,13 @@ def teacher():
     """The model that ships with the repo (a trained CPU preset: its few-step samplers are
     visibly off its many-step ones, which is what distillation mends)."""
     return pretrained.resolve("pretrained")
+
+
+def _teacher_copy(teacher, path, **changes):
+    """The shipped teacher with other settings in its config (weights unchanged)."""
+    state = ckpt.load_checkpoint(teacher)
+    ckpt.save_checkpoint({**state, "config": {**state["config"], **changes}}, path)
+    return path
 
 
 def _distil(teacher, tmp_path, stop_after: int = 0, **changes):
@@ -60,11 +74,13 @@ def test_progressive_student_at_k_steps_matches_the_teachers_2k(teacher, tmp_pat
 
 
 @pytest.mark.slow
-def test_consistency_student_maps_the_teachers_path_closer_to_its_end(teacher, tmp_path):
+@pytest.mark.parametrize("method", ["consistency", "ect"])
+def test_consistency_student_maps_the_teachers_path_closer_to_its_end(teacher, tmp_path, method):
     """A consistency model maps every point x_t of the teacher's ODE path to the path's
     end (Song et al. 2023): after distillation its x0 prediction at each point of an
-    8-point DDIM path is closer to where the teacher's path ends than the teacher's own."""
-    distiller = _distil(teacher, tmp_path, DISTILL_METHOD="consistency", STUDENT_STEPS=2,
+    8-point DDIM path is closer to where the teacher's path ends than the teacher's own.
+    ect learns it from the data's ODE, which the teacher's path follows."""
+    distiller = _distil(teacher, tmp_path, DISTILL_METHOD=method, STUDENT_STEPS=2,
                         TEACHER_STEPS=8, MAX_STEPS=60)
     original, _ = DiffusionModel.from_checkpoint(teacher)
     grid = samplers.timestep_sequence(original.timesteps, 8, "trailing")
@@ -92,9 +108,11 @@ def _teacher_step(model, x, t: int, t_next: int, labels) -> torch.Tensor:
     return samplers.ddim_step(model.scheduler, x, t, t_next, x0, eps, 0.0, None)
 
 
-@pytest.mark.parametrize("method", ["progressive", "consistency"])
+@pytest.mark.parametrize("method", ["progressive", "consistency",
+                                    pytest.param("ect", marks=pytest.mark.slow)])
 def test_distillation_resumes_exactly(teacher, tmp_path, method):
-    """Across a round's end too (progressive 8 -> 2: two rounds of 6 steps)."""
+    """Across a round's end too (progressive 8 -> 2: two rounds, the second from step 4,
+    a third of the budget in), and across ect's stages (a function of the budget used)."""
     settings = dict(DISTILL_METHOD=method, TEACHER_STEPS=8, STUDENT_STEPS=2, PRINT_EVERY=1,
                     SAVE_EVERY=1000)
     straight = _distil(teacher, tmp_path / "a", MAX_STEPS=12, **settings)
@@ -108,6 +126,41 @@ def test_distillation_resumes_exactly(teacher, tmp_path, method):
     assert resumed.losses == straight.losses
     assert_same_weights(straight, resumed)
     assert resumed.round == straight.round == (1 if method == "progressive" else 0)
+    # the round ended where a third of the budget was used: fraction 4/11 after 4 steps
+    assert straight.round_start == (4 if method == "progressive" else 0)
+
+
+def test_later_rounds_get_more_of_the_budget():
+    """Round k of R gets k / (1 + ... + R): 64 -> 4 in four rounds of 10, 20, 30, 40%."""
+    assert round_starts(4) == pytest.approx([0.0, 0.1, 0.3, 0.6])
+    assert round_starts(1) == [0.0]
+    starts = round_starts(6) + [1.0]
+    shares = [b - a for a, b in zip(starts, starts[1:])]
+    assert all(a < b for a, b in zip(shares, shares[1:])) and shares[-1] == pytest.approx(6 / 21)
+
+
+def test_ect_pairs_close_in_on_one_timestep_over_the_stages():
+    """Geng et al.'s mapping on this grid: r < t always (-1 is the clean data); stage 0
+    pairs most noise levels with the clean data, each stage halves the gap, and the last
+    one pairs most t with a timestep or two below."""
+    scheduler = NoiseScheduler(1000)
+    t = scheduler.sample_timesteps(20000, "cpu", torch.Generator().manual_seed(0), "lognormal",
+                                   ECT_P_MEAN, ECT_P_STD)
+    gaps, clean = [], []
+    for stage in range(ECT_STAGES):
+        r = ect_partner(scheduler, t, stage)
+        assert (r < t).all() and (r >= -1).all()
+        gaps.append((t - r).float().median().item())
+        clean.append((r < 0).float().mean().item())
+    assert clean[0] > 0.7 and clean[-1] < 0.05  # (t = 0 itself pairs with the clean data)
+    assert all(a > b for a, b in zip(gaps[:-2], gaps[1:-1])) and gaps[-1] <= gaps[-2]
+    assert gaps[0] > 50 and gaps[-1] == 1
+    # stage 0 at the top: sigma_r = sigma_t (1 - n(sigma_t) / 2), n = 1 + 8 sigmoid(-sigma_t)
+    sigmas = scheduler.log_sigmas.exp()
+    s_t = sigmas[999].item()
+    expected = s_t * (1 - (1 + 8 / (1 + math.exp(s_t))) / 2)
+    r = ect_partner(scheduler, torch.tensor([999]), 0).item()
+    assert sigmas[r] <= expected < sigmas[r + 1]
 
 
 def test_generate_samples_a_student_with_its_own_settings(teacher, tmp_path, capsys):
@@ -137,8 +190,72 @@ def test_bad_distillation_requests_are_one_line(teacher, tmp_path, capsys):
         (["--distill", str(teacher), "--model-channels", "32"], "differs from the teacher's"),
         (["--distill", str(teacher), "--student-steps", "16", "--teacher-steps", "8"],
          "need 1 <= student <= teacher"),
+        (["--distill", str(teacher), "--student-steps", "8", "--teacher-steps", "8"],
+         "must be --student-steps (8) times a power of 2"),
+        (["--distill", str(teacher), "--student-steps", "0"], "--student-steps (0)"),
+        (["--distill", str(teacher), "--student-steps", "1001"], "--student-steps (1001)"),
+        (["--distill", str(teacher), "--student-steps", "1000"], "--student-steps (1000)"),
+        (["--distill", str(teacher), "--distill-method", "ect", "--student-steps", "1001"],
+         "--student-steps (1001) must lie in 1 .. --timesteps (1000)"),
+        (["--distill", str(teacher), "--distill-method", "ect", "--guidance", "2"],
+         "ect trains on the data"),
     ]
     for argv, message in cases:
         line = expect_one_line(capsys, main.main, [*argv, "--quiet", "--checkpoint-dir",
                                                    str(tmp_path / "x")])
         assert message in line, line
+
+
+def test_a_guided_teacher_is_guided_once(teacher, tmp_path):
+    """Its guidance W is baked into the first round's targets: the student records it and
+    samples at guidance 1, and a later round's teacher (an earlier student) is not guided
+    again."""
+    guided = _teacher_copy(teacher, tmp_path / "guided.pt", GUIDANCE=3.0)
+    config = distillation_config(guided, dict(MAX_STEPS=4, TEACHER_STEPS=8, STUDENT_STEPS=2))
+    assert (config.GUIDANCE, config.TEACHER_GUIDANCE) == (1.0, 3.0)
+    asked = distillation_config(teacher, dict(MAX_STEPS=4, GUIDANCE=2.0))
+    assert (asked.GUIDANCE, asked.TEACHER_GUIDANCE) == (1.0, 2.0)
+    assert resolve(config).guidance == 1.0
+
+    scales = []
+    distiller = Distiller(config.replace(CHECKPOINT_DIR=str(tmp_path / "s"), OUTPUT_DIR=str(
+        tmp_path / "s"), NUM_SAMPLES=10, TRAIN_SIZE=256), progress=False, log=quiet)
+    denoiser = distiller.teacher.denoiser
+
+    def spy(precision, labels, guidance=1.0, *args):
+        scales.append((distiller.round, guidance))
+        return denoiser(precision, labels, guidance, *args)
+
+    distiller.teacher.denoiser = spy
+    assert "guidance 3 is baked into the targets" in distiller.plan()
+    distiller.fit()
+    assert {w for r, w in scales if r == 0} == {3.0} and {w for r, w in scales if r == 1} == {1.0}
+
+
+def test_an_older_student_samples_as_it_was_trained():
+    """A student saved before TEACHER_GUIDANCE was recorded trained on the trailing grid
+    of that time, and its GUIDANCE was baked in: it reads as trailing-v1 and guidance 1."""
+    old = {**Config(DEVICE="cpu").to_dict(), "DISTILL": "runs/T/latest.pt", "SAMPLER": "ddim",
+           "SPACING": "trailing", "SAMPLING_STEPS": 4, "GUIDANCE": 2.0}
+    del old["TEACHER_GUIDANCE"]
+    config = Config.from_dict(old)
+    assert (config.SPACING, config.GUIDANCE, config.TEACHER_GUIDANCE) == ("trailing-v1", 1.0, 2.0)
+    settings = resolve(config)
+    assert samplers.timestep_sequence(1000, 4, settings.spacing) == [999, 749, 500, 250]
+    new = Config.from_dict(config.replace(SPACING="trailing").to_dict())
+    assert new.SPACING == "trailing" and new.TEACHER_GUIDANCE == 2.0
+
+
+def test_an_eps_teacher_is_refused_in_one_line(teacher, tmp_path, capsys):
+    eps = _teacher_copy(teacher, tmp_path / "eps.pt", PREDICTION="eps")
+    line = expect_one_line(capsys, main.main, ["--distill", eps, "--quiet", "--checkpoint-dir",
+                                               tmp_path / "x"])
+    assert "--prediction eps" in line and "--prediction v" in line and "157" in line, line
+
+
+def test_a_rounds_student_given_to_resume_says_what_to_do(teacher, tmp_path, capsys):
+    run = _distil(teacher, tmp_path, MAX_STEPS=3, TEACHER_STEPS=8, STUDENT_STEPS=2)
+    student = run.checkpoint_dir / "student_4steps.pt"
+    line = expect_one_line(capsys, main.main, ["--resume", student, "--quiet"])
+    assert "student of one round" in line and str(run.checkpoint_dir / ckpt.LATEST) in line
+    assert "generate.py --checkpoint" in line and "optimizer'" not in line, line

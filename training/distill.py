@@ -3,19 +3,26 @@ few steps, as a training run like any other (budget, exact resume, run folder, p
 
     python main.py --distill runs/NAME/latest.pt --student-steps 4            # progressive
     python main.py --distill runs/NAME/latest.pt --distill-method consistency --student-steps 2
+    python main.py --distill runs/NAME/latest.pt --distill-method ect --student-steps 2
 
-Both start the student from the teacher's EMA weights, train on the real training images
+All start the student from the teacher's EMA weights, train on the real training images
 (and their classes, for a conditional teacher), and write a normal checkpoint whose
-config says how to sample it, so `generate.py --checkpoint` needs no flag.
+config says how to sample it, so `generate.py --checkpoint` needs no flag. The teacher
+must predict v (or EDM's F): an eps student's x0 = (x_t - sigma eps) / alpha multiplies
+its errors by sigma / alpha, about 157 at t = 999 on the linear schedule, which Salimans
+& Ho (2022, sec. 4) found unusable for few steps; an eps teacher is refused.
 
 - progressive (Salimans & Ho 2022, Algorithm 2): rounds that halve the steps, from
-  TEACHER_STEPS down to STUDENT_STEPS, each an equal share of the budget; each round's
-  student is kept beside the run's checkpoints (student_16steps.pt, ...). In a round of S
-  student steps on the trailing grid t_k = (T-1)(1 - k/(2S)), one deterministic DDIM step
-  of the student from t_2i to t_2i+2 is trained to land where two DDIM steps of the teacher
-  land: the target x0 is the one that DDIM maps z_t onto the teacher's z_t'', and the loss
-  is its squared error weighted by max(SNR, 1) ("truncated SNR"). At the end of a round
-  the student becomes the teacher. The student samples with DDIM (eta 0, trailing).
+  TEACHER_STEPS down to STUDENT_STEPS; round k of R gets k / (1 + ... + R) of the budget
+  (`round_starts`: the last rounds, whose student steps span the most of the ODE, are the
+  hardest and train longest). Each round's student is kept beside the run's checkpoints
+  (student_16steps.pt, ...). In a round of S student steps on the trailing grid
+  t_k = T(1 - k/(2S)) - 1, one deterministic DDIM step of the student from t_2i to t_2i+2
+  is trained to land where two DDIM steps of the teacher land: the target x0 is the one
+  that DDIM maps z_t onto the teacher's z_t'' (the paper's x-space target x~), and the
+  loss is its squared error weighted by max(SNR, 1) ("truncated SNR"), on the student's
+  own parameterisation (v). At the end of a round the student becomes the teacher. The
+  student samples with DDIM (eta 0, trailing).
 - consistency (Song et al. 2023, consistency distillation): for adjacent points t > t' of
   the teacher's TEACHER_STEPS-point trailing grid (the last one: the clean data), the
   student's x0 prediction at x_t is trained to equal the target network's at x_t', the
@@ -23,12 +30,22 @@ config says how to sample it, so `generate.py --checkpoint` needs no flag.
   student's EMA (EMA_DECAY): with the student itself as its target (Song & Dhariwal
   2023, who add other changes) a 15-minute run collapsed to one class (FID 870,
   docs/distillation.md). The student samples with the consistency sampler.
+- ect, easy consistency tuning (Geng et al. 2024, "Consistency models made easy"):
+  consistency training from the teacher's weights, on the data alone (no teacher sampling
+  chain): see `Distiller._ect` and `ect_partner`. The student samples with the
+  consistency sampler.
+
+Guidance: a conditional teacher's classifier-free guidance W (its GUIDANCE, or `--guidance`
+given to the distillation) is baked into the first round's targets (later rounds' teachers
+are students that carry it already); the student records it as TEACHER_GUIDANCE and samples
+at GUIDANCE 1, so that W is not applied twice. ect learns from the data, so W = 1.
 
 A student cannot be a teacher (its checkpoint says so): distil from the model it came from.
 """
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 
 import torch
 
@@ -38,18 +55,30 @@ from models.diffusion import DiffusionModel
 from training.trainer import Trainer
 from utils import checkpoint as ckpt
 from utils import distributed as dist
-from utils.noise_scheduler import extract
+from utils.noise_scheduler import NoiseScheduler, extract
 
-# What a distillation run changes from its teacher's config unless the flags say otherwise.
+# What a distillation run changes from its teacher's config unless the flags say otherwise
+# (no autoguidance: a student keeps no early snapshot to be guided by).
 DISTILL_DEFAULTS = dict(MAX_MINUTES=15.0, LEARNING_RATE=1e-3, LR_WARMUP_STEPS=0,
                         LR_SCHEDULE="constant", EMA_RULE="constant", EMA_DECAY=0.999,
                         EMA_WARMUP=True, CLASS_DROPOUT=0.0, EVAL_EVERY=0, EPOCHS=1000,
-                        MAX_STEPS=0, CHECKPOINT_DIR="", OUTPUT_DIR="", TIMESTEP_SAMPLING="uniform")
+                        MAX_STEPS=0, CHECKPOINT_DIR="", OUTPUT_DIR="", TIMESTEP_SAMPLING="uniform",
+                        GUIDE_AT=0.0, AUTOGUIDANCE=1.0)
 # Settings of the distillation itself (beside run control) that the flags may set.
 DISTILL_FIELDS = {"DISTILL", "DISTILL_METHOD", "STUDENT_STEPS", "TEACHER_STEPS", "LEARNING_RATE",
                   "LR_WARMUP_STEPS", "LR_SCHEDULE", "LR_FLOOR", "EMA_RULE", "EMA_DECAY",
                   "EMA_STD", "EMA_WARMUP", "BATCH_SIZE", "GRAD_CLIP", "WEIGHT_DECAY", "SEED",
                   "TRAIN_SIZE", "PRECISION", "CHANNELS_LAST"}
+
+# Easy consistency tuning (Geng et al. 2024; their CIFAR-10 settings and code): t's noise
+# level log-normal, ln sigma ~ N(-1.1, 2.0^2); the partner r of t at stage a is
+# sigma_r = sigma_t (1 - n(sigma_t) / q^(a+1)), n(s) = 1 + k sigmoid(-b s), q = 2, k = 8, b = 1.
+ECT_P_MEAN, ECT_P_STD = -1.1, 2.0
+ECT_Q, ECT_K, ECT_B = 2.0, 8.0, 1.0
+# Stages over the budget: the last gap is n(sigma) / 256 of sigma, about one timestep of
+# this 1000-step grid at mid noise, where halving it further changes nothing.
+ECT_STAGES = 8
+HUBER_C = 0.00054  # pseudo-Huber's c per sqrt(pixels) (Song & Dhariwal 2023): 0.015 for 28x28
 
 
 def student_sampling(method: str, steps: int) -> dict:
@@ -58,15 +87,50 @@ def student_sampling(method: str, steps: int) -> dict:
                 SAMPLING_STEPS=steps, ETA=0.0, SPACING="trailing")
 
 
+def round_starts(rounds: int) -> list[float]:
+    """The budget fraction at which each round of progressive distillation begins: round k
+    (k = 1 .. rounds) gets k / (1 + 2 + ... + rounds) of the budget. Four rounds (64 -> 4):
+    10%, 20%, 30%, 40%; six (64 -> 1): 5% for 64 -> 32, 29% for 2 -> 1."""
+    total = rounds * (rounds + 1) / 2
+    return [k * (k + 1) / 2 / total for k in range(rounds)]
+
+
+def ect_partner(scheduler: NoiseScheduler, t: torch.Tensor, stage: int) -> torch.Tensor:
+    """The timestep r < t paired with t at curriculum stage `stage` (Geng et al. 2024: the
+    mapping r(t) of their dt curriculum, their code's t_to_r_sigmoid); -1 is the clean data.
+
+    ECT's time is EDM's sigma; on this VP schedule that is sigma_t = sqrt((1 - abar_t) / abar_t)
+    (x_t / sqrt(abar_t) = x_0 + sigma_t eps), so a pair sharing one noise draw is the same
+    pair in both. sigma_r = sigma_t (1 - n(sigma_t) / q^(stage+1)), clipped at 0, becomes the
+    largest timestep whose sigma is at most sigma_r (none: -1), and at most t - 1: the gap
+    is at least one timestep. Stage 0 pairs most t with the clean data (denoising); each
+    stage halves the gap."""
+    log_sigmas = scheduler.log_sigmas
+    sigma_t = log_sigmas.gather(0, t).exp()
+    n = 1 + ECT_K * torch.sigmoid(-ECT_B * sigma_t)
+    sigma_r = (sigma_t * (1 - n / ECT_Q ** (stage + 1))).clamp(min=0)
+    r = torch.searchsorted(log_sigmas, sigma_r.log(), right=True) - 1
+    return torch.minimum(r, t - 1)
+
+
 def distillation_config(teacher_path, requested: dict) -> Config:
     """The config of a distillation run of the checkpoint at `teacher_path`: the teacher's
     model, DISTILL_DEFAULTS, then the flags given (other settings that differ from the
-    teacher's are refused: they would describe another model)."""
+    teacher's are refused: they would describe another model). A requested GUIDANCE is
+    the teacher's, baked into the student (TEACHER_GUIDANCE); the student's is 1."""
     state = ckpt.load_checkpoint(teacher_path)
     teacher = Config.from_dict(state["config"])
     if teacher.DISTILL:
         raise ConfigError(f"--distill {teacher_path} is itself a distilled student (of "
                           f"{teacher.DISTILL}); distil from the model it came from")
+    if teacher.PREDICTION == "eps":
+        scheduler = NoiseScheduler(teacher.TIMESTEPS, teacher.BETA_START, teacher.BETA_END,
+                                   teacher.SCHEDULE_TYPE)
+        raise ConfigError(f"--distill {teacher_path} predicts eps (--prediction eps): its "
+                          f"student's x0 = (x_t - sigma eps) / alpha would multiply its errors "
+                          f"by up to {scheduler.log_sigmas[-1].exp():.0f} at t = "
+                          f"{teacher.TIMESTEPS - 1} (Salimans & Ho 2022, sec. 4); distil a "
+                          f"teacher trained with --prediction v (the CPU preset's) or edm")
     for name, value in requested.items():
         if (name not in RUN_CONTROL and name not in DISTILL_FIELDS
                 and getattr(teacher, name) != value):
@@ -74,10 +138,18 @@ def distillation_config(teacher_path, requested: dict) -> Config:
                               f"({getattr(teacher, name)}): a student has its teacher's model")
     method = requested.get("DISTILL_METHOD", "progressive")
     steps = requested.get("STUDENT_STEPS", Config.STUDENT_STEPS)
+    guidance = requested.get("GUIDANCE", teacher.GUIDANCE) if teacher.CONDITIONAL else 1.0
+    if method == "ect" and guidance != 1:
+        if "GUIDANCE" in requested:
+            raise ConfigError(f"--guidance {guidance:g}: ect trains on the data, not on a "
+                              f"teacher's guided outputs, so it learns guidance 1; to bake "
+                              f"guidance in, use --distill-method progressive or consistency")
+        guidance = 1.0  # ect learns guidance 1 whatever the teacher's (the plan says so)
     # 15 minutes unless told otherwise; a step or epoch budget alone runs without a clock
     clockless = bool({"EPOCHS", "MAX_STEPS"} & set(requested)) and "MAX_MINUTES" not in requested
     settings = {**DISTILL_DEFAULTS, **({"MAX_MINUTES": 0.0} if clockless else {}),
-                **student_sampling(method, steps), **requested, "DISTILL": str(teacher_path)}
+                **student_sampling(method, steps), **requested, "DISTILL": str(teacher_path),
+                "GUIDANCE": 1.0, "TEACHER_GUIDANCE": guidance}
     return teacher.replace(**settings).validate()
 
 
@@ -90,23 +162,25 @@ class Distiller(Trainer):
             raise ConfigError("a distillation run needs --distill CHECKPOINT")
         source = resume if resume is not None else ckpt.load_checkpoint(config.DISTILL)
         super().__init__(config, resume=resume, **kwargs)
-        teacher_config = Config.from_dict(source["config"]).replace(DISTILL="")
-        self.teacher = DiffusionModel.from_config(teacher_config).to(self.device)
-        self.teacher.requires_grad_(False).eval()
-        if resume is not None:
-            self.teacher.load_state_dict(resume["teacher"])
-        else:  # the student starts as the teacher (its EMA weights)
-            weights = source["ema"]
-            self.teacher.load_state_dict(weights)
-            self.model.load_state_dict(weights)
-            self.ema.load_state_dict(weights)
+        self.teacher = None  # ect has none
+        if config.DISTILL_METHOD != "ect":
+            teacher_config = Config.from_dict(source["config"]).replace(DISTILL="")
+            self.teacher = DiffusionModel.from_config(teacher_config).to(self.device)
+            self.teacher.requires_grad_(False).eval()
+            self.teacher.load_state_dict(resume["teacher"] if resume is not None
+                                         else source["ema"])
+        if resume is None:  # the student starts as the teacher (its EMA weights)
+            self.model.load_state_dict(source["ema"])
+            self.ema.load_state_dict(source["ema"])
             self.round, self.round_start = 0, 0
         self.rounds = (int(math.log2(config.TEACHER_STEPS // config.STUDENT_STEPS))
                        if config.DISTILL_METHOD == "progressive" else 1)
+        # the grid the student samples on (trailing-v1: a run begun before trailing was Lin et al.'s)
+        self.grid = "trailing-v1" if config.SPACING == "trailing-v1" else "trailing"
 
-    # ----- the schedule of rounds -----
+    # ----- the schedule of rounds (progressive) and stages (ect) -----
     def _round_for(self, fraction: float) -> int:
-        return min(self.rounds - 1, int(fraction * self.rounds))
+        return bisect_right(round_starts(self.rounds), fraction) - 1
 
     def student_steps(self) -> int:
         """The steps the student learns in the current round."""
@@ -114,6 +188,15 @@ class Distiller(Trainer):
         if cfg.DISTILL_METHOD != "progressive":
             return cfg.STUDENT_STEPS
         return cfg.TEACHER_STEPS >> (self.round + 1)
+
+    def teacher_guidance(self) -> float:
+        """The guidance of the teacher's outputs: TEACHER_GUIDANCE in the first round; the
+        teacher of a later round is an earlier student, whose outputs carry it already."""
+        return self.config.TEACHER_GUIDANCE if self.round == 0 else 1.0
+
+    def ect_stage(self) -> int:
+        """ect's curriculum stage, a function of the budget used (like the lr): exact on resume."""
+        return min(ECT_STAGES - 1, int(self._fraction * ECT_STAGES))
 
     def _next_round_if_due(self) -> None:
         target = self._round_for(self._fraction)
@@ -137,17 +220,50 @@ class Distiller(Trainer):
         """The EMA restarts with each round (its warm-up counts from the round's start)."""
         return super().ema_decay_at(step - getattr(self, "round_start", 0))
 
+    def plan(self) -> str:
+        """The Trainer's plan, and a line on what the distillation does."""
+        return super().plan() + "\n" + self.describe_method()
+
+    def describe_method(self) -> str:
+        cfg = self.config
+        steps = cfg.STUDENT_STEPS
+        if cfg.DISTILL_METHOD == "progressive":
+            chain = " -> ".join(str(cfg.TEACHER_STEPS >> k) for k in range(self.rounds + 1))
+            starts = round_starts(self.rounds) + [1.0]
+            shares = ", ".join(f"{b - a:.0%}" for a, b in zip(starts, starts[1:]))
+            text = (f"distillation: progressive (Salimans & Ho 2022), {chain} steps in "
+                    f"{self.rounds} round(s) of {shares} of the budget (the later, harder "
+                    f"rounds longer); the student samples with DDIM on the trailing grid")
+        elif cfg.DISTILL_METHOD == "consistency":
+            text = (f"distillation: consistency (Song et al. 2023) along the teacher's "
+                    f"{cfg.TEACHER_STEPS}-point DDIM path, the student's EMA as its target; "
+                    f"the student samples with the consistency sampler in {steps} step(s)")
+        else:
+            text = (f"distillation: easy consistency tuning (Geng et al. 2024) on the training "
+                    f"images, no teacher sampling: {ECT_STAGES} stages of the budget, the gap "
+                    f"between the pair's noise levels halving in each (to 1/"
+                    f"{ECT_Q ** ECT_STAGES:.0f}); the student samples with the consistency "
+                    f"sampler in {steps} step(s)")
+        if cfg.CONDITIONAL:
+            text += (f"; the teacher's guidance {cfg.TEACHER_GUIDANCE:g} is baked into the "
+                     f"targets, so the student samples at --guidance 1"
+                     if cfg.TEACHER_GUIDANCE != 1 else
+                     "; the student learns the unguided conditional model (guidance 1)")
+        return text
+
     # ----- the loss -----
     def per_image_loss(self, x0: torch.Tensor, labels: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if cfg.DISTILL_METHOD == "ect":
+            return self._ect(x0, labels)
         self._next_round_if_due()
         size = x0.shape[0]
-        cfg = self.config
         progressive = cfg.DISTILL_METHOD == "progressive"
         # progressive: the teacher's grid of the round, two of its steps per student step;
         # consistency: adjacent points of the teacher's whole grid
         points = 2 * self.student_steps() if progressive else cfg.TEACHER_STEPS
-        grid = torch.tensor(samplers.timestep_sequence(self.model.timesteps, points, "trailing")
+        grid = torch.tensor(samplers.timestep_sequence(self.model.timesteps, points, self.grid)
                             + [-1], device=self.device)
         jump = 2 if progressive else 1
         index = jump * torch.randint(0, (len(grid) - 1) // jump, (size,), device=self.device,
@@ -168,7 +284,7 @@ class Distiller(Trainer):
         """One deterministic DDIM step of the teacher, per-image timesteps; t_next = -1 is
         the clean data (the teacher's x0)."""
         teacher = self.teacher
-        out = teacher.denoiser(self.precision, labels, teacher.config.GUIDANCE)(x, t).float()
+        out = teacher.denoiser(self.precision, labels, self.teacher_guidance())(x, t).float()
         x0, eps = teacher.scheduler.split_model_output(x, t, out, teacher.prediction,
                                                        teacher.clip_x0)
         a_next = extract(teacher.scheduler.alphas_cumprod_padded, t_next + 1, x.shape)
@@ -180,7 +296,7 @@ class Distiller(Trainer):
         scheduler = self.model.scheduler
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.precision == "bf16"):
-            output, _ = (self.forward or self.model)(x0, t, noise, labels)
+            output, _ = ((self.forward if grad else None) or self.model)(x0, t, noise, labels)
         xt, _ = scheduler.add_noise(x0, t, noise)
         return scheduler.split_model_output(xt, t, output.float(), self.model.prediction,
                                             clip_x0=False)[0]
@@ -215,10 +331,42 @@ class Distiller(Trainer):
         prediction = self._student_x0(x0, t, noise, labels)
         return (prediction - target).square().mean(dim=(1, 2, 3))
 
+    def _ect(self, x0: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Easy consistency tuning (Geng et al. 2024, their ECMLoss), on this VP grid:
+
+            t ~ log-normal noise levels (ECT_P_MEAN, ECT_P_STD), r = ect_partner(t, stage),
+            x_t = alpha_t x0 + sigma_t eps,  x_r = alpha_r x0 + sigma_r eps  (one eps),
+            loss = d(f(x_t, t), sg f(x_r, r)) / (s_t - s_r),
+
+        f the student's x0 prediction (f at the clean level, r = -1, is x0 itself), sg a
+        stop-gradient of the same network (no EMA target; the same dropout mask, as ECT
+        shares it), d(a, b) = sqrt(||a - b||^2 + c^2) - c the pseudo-Huber distance (ECT's
+        adaptive weighting with p = 1/2, c = HUBER_C sqrt(pixels)), and 1 / (s_t - s_r) ECT's
+        weighting 1 / (t - r) in their time, EDM's sigma: s_t = sqrt((1 - abar_t) / abar_t)."""
+        scheduler, size = self.model.scheduler, x0.shape[0]
+        t = scheduler.sample_timesteps(size, self.device, self.generator, "lognormal",
+                                       ECT_P_MEAN, ECT_P_STD)
+        r = ect_partner(scheduler, t, self.ect_stage())
+        noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
+        part = dist.local_slice(size)
+        x0, t, r, noise = x0[part], t[part], r[part], noise[part]
+        labels = None if labels is None or not self.config.CONDITIONAL else labels[part]
+        clean = (r < 0).reshape(-1, 1, 1, 1)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            target = torch.where(clean, x0, self._student_x0(x0, r.clamp(min=0), noise, labels,
+                                                              grad=False))
+        prediction = self._student_x0(x0, t, noise, labels)
+        c = HUBER_C * math.sqrt(x0[0].numel())
+        distance = ((prediction - target).square().sum(dim=(1, 2, 3)) + c ** 2).sqrt() - c
+        sigmas = scheduler.log_sigmas.exp()
+        gap = sigmas.gather(0, t) - torch.where(r < 0, 0.0, sigmas.gather(0, r.clamp(min=0)))
+        return distance / gap, t
+
     # ----- what a checkpoint holds beyond the Trainer's -----
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "teacher": self.teacher.state_dict(),
-                "round": self.round, "round_start": self.round_start}
+        return {**super().state_dict(), "round": self.round, "round_start": self.round_start,
+                **({"teacher": self.teacher.state_dict()} if self.teacher is not None else {})}
 
     def load_state(self, state: dict):
         super().load_state(state)
@@ -226,9 +374,11 @@ class Distiller(Trainer):
         self.round_start = int(state.get("round_start", 0))
 
     def estimate_step_seconds(self, repeats: int = 2) -> float:
-        """A training step, plus the teacher's forward passes (two; consistency: the
-        teacher's and the student's own), each about a third of a step."""
-        return super().estimate_step_seconds(repeats) * (1 + 2 / 3)
+        """A training step, plus the forward passes without gradients, each about a third
+        of a step: the teacher's two (consistency: the teacher's and the student's own),
+        ect's one (the target)."""
+        extra = 1 if self.config.DISTILL_METHOD == "ect" else 2
+        return super().estimate_step_seconds(repeats) * (1 + extra / 3)
 
 
-__all__ = ["Distiller", "distillation_config", "student_sampling"]
+__all__ = ["Distiller", "distillation_config", "student_sampling", "round_starts", "ect_partner"]

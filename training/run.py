@@ -35,8 +35,17 @@ def resumed_config(path: Path, state: dict, requested: dict, log=print) -> Confi
     """The config that continues the run of checkpoint `path`: its own, with the requested
     run-control settings. The run continues in its own folder when that folder is its own
     and the checkpoint the newest there; otherwise in a new run folder (said in one line).
-    A folder given explicitly that holds anything else is refused."""
+    A folder given explicitly that holds anything else is refused, and so is a checkpoint
+    of weights alone (a distillation round's student, an exported model)."""
     saved = Config.from_dict(state["config"])
+    if "optimizer" not in state:
+        sample = f"or sample it: python generate.py --checkpoint {path}"
+        raise ConfigError(
+            f"--resume {path} is the student of one round of a distillation, not a run's "
+            f"state: resume its run with --resume {path.parent / ckpt.LATEST}, {sample}"
+            if saved.DISTILL else
+            f"--resume {path} holds a model's weights only, not a run's state (no optimizer): "
+            f"resume a run's {ckpt.LATEST}, {sample}")
     requested = dict(requested)
     if "DEVICE" not in requested:  # the run's own device, if this machine has it
         try:

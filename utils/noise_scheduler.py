@@ -137,20 +137,21 @@ class NoiseScheduler(nn.Module):
 
     # ----- q(x_t | x_0) -----
     def sample_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None,
-                         distribution: str = "uniform") -> torch.Tensor:
+                         distribution: str = "uniform", p_mean: float = EDM_P_MEAN,
+                         p_std: float = EDM_P_STD) -> torch.Tensor:
         """Training timesteps, shape (batch_size,), int64 in [0, T-1].
 
         'uniform': every t equally often (DDPM). 'lognormal': log sigma_t ~ N(P_mean, P_std^2)
-        with EDM's P_mean = -1.2, P_std = 1.2 (Karras et al. 2022, Table 1), mapped to the
-        timestep whose sigma is the next above: most training at mid noise levels, little at
-        the extremes, where the target is nearly determined.
+        with EDM's P_mean = -1.2, P_std = 1.2 (Karras et al. 2022, Table 1) unless given,
+        mapped to the timestep whose sigma is the next above: most training at mid noise
+        levels, little at the extremes, where the target is nearly determined.
         """
         if distribution == "uniform":
             return torch.randint(0, self.timesteps, (batch_size,), device=device,
                                  generator=generator)
         if distribution == "lognormal":
-            log_sigma = EDM_P_MEAN + EDM_P_STD * torch.randn(batch_size, device=device,
-                                                             generator=generator)
+            log_sigma = p_mean + p_std * torch.randn(batch_size, device=device,
+                                                     generator=generator)
             t = torch.searchsorted(self.log_sigmas.to(device), log_sigma)
             return t.clamp(0, self.timesteps - 1)
         raise ValueError(f"unknown timestep distribution {distribution!r}; expected one of "
