@@ -107,3 +107,12 @@ def test_the_tensorboard_server_serves_a_scalar_over_http(logged_run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_run_ends_with_its_tensorboard_command(tiny):
+    from training.trainer import Trainer
+
+    lines = []
+    config = tiny(LOG="tensorboard", MAX_STEPS=2)
+    Trainer(config, progress=False, log=lines.append).fit()
+    assert any(f"tensorboard --logdir {config.OUTPUT_DIR}/tb" in line for line in lines)
