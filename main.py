@@ -92,7 +92,11 @@ def build_config(args) -> tuple[Config, dict | None]:
               + ((" and learns their classes: generate.py --digit 7 draws 7s"
                   if config.DATASET == "mnist" else " and learns their classes: generate.py "
                   "--class NAME draws one") if config.CONDITIONAL else "")
-              + "); --preset none trains the default model")
+              + f"); {config.MODEL_CHANNELS} channels" + (
+                  " for this budget: a wider model makes a third of the steps on 2 cores and "
+                  "lost at equal time (docs/training.md, model size)"
+                  if "MODEL_CHANNELS" not in requested else " as asked")
+              + "; --preset none trains the default model")
     return config, None
 
 
