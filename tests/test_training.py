@@ -91,7 +91,10 @@ def test_checkpoint_round_trip_gives_identical_outputs(tiny):
     assert raw["config"]["MODEL_CHANNELS"] == 8 and raw["step"] == 3
     assert set(raw) >= {"model", "ema", "optimizer", "losses", "config", "step", "epoch"}
     model, loaded_config = DiffusionModel.from_checkpoint(path)
-    assert loaded_config == trainer.config == config.replace(CLASS_NAMES=tuple("0123456789"))
+    recorded = config.replace(CLASS_NAMES=tuple("0123456789"),
+                              DATA_FINGERPRINT=trainer.dataset.fingerprint)
+    assert len(trainer.dataset.fingerprint) == 64  # the run records what it trained on
+    assert loaded_config == trainer.config == recorded
     assert model.config == loaded_config  # the model carries its config
     x = torch.randn(2, 1, 28, 28)
     t = torch.tensor([3, 40])

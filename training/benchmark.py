@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from config import Config
 from sampling.settings import labels_for, resolve
@@ -70,6 +69,8 @@ def device_name(device: torch.device) -> str:
 
 def training_flops_per_image(trainer, x0: torch.Tensor) -> float:
     """FLOPs of forward + backward of the loss, per image (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode  # imports torch._dynamo: seconds
+
     with FlopCounterMode(display=False) as counter:
         loss = trainer.model.compute_loss(x0, generator=torch.Generator(x0.device).manual_seed(0))
         loss.backward()

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
 
 from config import Config
 from utils.errors import UsageError
@@ -159,6 +158,8 @@ class TensorBoardLogger(RunLogger):
         if self._last_image.get(tag) == step:  # the final grid of an epoch's last step
             return
         self._last_image[tag] = step
+        from torchvision.utils import make_grid  # imported when needed: it takes seconds
+
         grid = make_grid(((images.float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=2,
                          pad_value=0.35)
         self.writer.add_image(tag, grid, step)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision import transforms
 
 from utils.datasets import Dataset, open_dataset  # noqa: F401  (the one way in)
 
@@ -108,6 +107,8 @@ class _PerImage(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels
         channels = images.shape[1]
+        from torchvision import transforms  # imported when needed: it takes seconds
+
         self.transform = transforms.Compose([transforms.ToTensor(),
                                              transforms.Normalize((0.5,) * channels,
                                                                   (0.5,) * channels)])

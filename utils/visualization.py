@@ -19,7 +19,6 @@ from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 from utils.data_loader import denormalize_images  # noqa: E402
 from utils.files import atomic_write  # noqa: E402
@@ -48,6 +47,8 @@ def grid_image(images: torch.Tensor, nrow: int = 8, normalize: bool = True,
         images = images.unsqueeze(1)
     if normalize:
         images = denormalize_images(images)
+    from torchvision.utils import make_grid  # imported when needed: torchvision takes seconds
+
     grid = make_grid(images.clamp(0, 1), nrow=nrow, padding=PADDING, pad_value=0.35)
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     picture = Image.fromarray(array[:, :, 0] if images.shape[1] == 1 else array)

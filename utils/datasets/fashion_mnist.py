@@ -6,7 +6,6 @@ otherwise downloaded by torchvision when a network is there.
 """
 from __future__ import annotations
 
-import torchvision
 
 from utils.datasets import idx
 from utils.datasets.base import Dataset
@@ -30,7 +29,7 @@ FAMILY = idx.IdxFamily(
 
 
 def open_dataset(data_dir=None, download: bool = True, **_) -> Dataset:
-    folder = locate(data_dir, "FashionMNIST", FAMILY, download, torchvision.datasets.FashionMNIST,
+    folder = locate(data_dir, "FashionMNIST", FAMILY, download, "FashionMNIST",
                     extra=(DEBIAN,), hint=f"offline: `apt install dataset-fashion-mnist` "
                                           f"(files in {DEBIAN}) or --data-dir FOLDER")
     idx.verify_all(folder, FAMILY)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import torchvision
 
 from utils.datasets import idx
 from utils.datasets.base import DEFAULT_DATA_DIR, Dataset
@@ -26,20 +25,24 @@ FAMILY = idx.IdxFamily(
     fix="restore it with `git checkout -- data/MNIST/raw` or copy the original file there")
 
 
-def torchvision_download(dataset_class, root: Path) -> None:
-    """torchvision's download into root/<Class>/raw; any failure is left to the caller's
-    check of the files (no network, a mirror down and a proxy all end in the same advice)."""
+def torchvision_download(dataset_class: str, root: Path) -> None:
+    """torchvision's download of torchvision.datasets.<dataset_class> into
+    root/<Class>/raw; any failure is left to the caller's check of the files (no network, a
+    mirror down and a proxy all end in the same advice). torchvision is imported only
+    here: it takes seconds, and every script would pay them at start."""
+    import torchvision
+
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)
     try:
-        dataset_class(root=str(root), train=True, download=True)
+        getattr(torchvision.datasets, dataset_class)(root=str(root), train=True, download=True)
     except Exception:
         pass
     finally:
         socket.setdefaulttimeout(previous)
 
 
-def locate(data_dir, subfolder: str, family: idx.IdxFamily, download: bool, download_class,
+def locate(data_dir, subfolder: str, family: idx.IdxFamily, download: bool, download_class: str,
            extra: tuple = (), hint: str = "") -> Path:
     """The first folder holding all four files: DIR/<subfolder>/raw (torchvision's layout),
     DIR itself, then `extra` places; else download into DIR/<subfolder>/raw."""
@@ -57,7 +60,7 @@ def locate(data_dir, subfolder: str, family: idx.IdxFamily, download: bool, down
 
 
 def open_dataset(data_dir=None, download: bool = True, **_) -> Dataset:
-    folder = locate(data_dir, "MNIST", FAMILY, download, torchvision.datasets.MNIST)
+    folder = locate(data_dir, "MNIST", FAMILY, download, "MNIST")
     idx.verify_all(folder, FAMILY)
     return Dataset(NAME, FAMILY.title, CLASS_NAMES, 1, 28, folder,
                    idx.content_fingerprint(FAMILY),
