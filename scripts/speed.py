@@ -4,7 +4,7 @@ Draws digits end to end (`model.generate` with the checkpoint's sampling setting
 0-9 in turn: the CPU preset's SDE-DPM-Solver++, 20 network evaluations per image) with
 the UNet run each of these ways:
 
-  eager           today's path: fp32 under torch.no_grad, the allocator tuned
+  eager           the default path: fp32 under torch.no_grad, the allocator tuned
   default-malloc  the same with glibc's default malloc thresholds, in a subprocess
                   (MNIST_DIFFUSION_DEFAULT_MALLOC=1; utils/allocator.py)
   inference-mode  generate under torch.inference_mode() instead of no_grad

@@ -103,7 +103,8 @@ def test_a_run_keeps_its_guide_at_the_fraction_asked(tiny, monkeypatch):
     guided = generate_images(model, 4, show_images=False, progress=False)  # the config's A = 2
     plain = generate_images(model, 4, show_images=False, progress=False, autoguidance=1.0)
     assert guided.shape == plain.shape and not torch.equal(guided, plain)
-    without = train(tiny(MAX_STEPS=8, CHECKPOINT_DIR=str(trainer.checkpoint_dir.parent / "b")))
+    without = train(tiny(MAX_STEPS=8, GUIDE_AT=0.0,
+                         CHECKPOINT_DIR=str(trainer.checkpoint_dir.parent / "b")))
     assert "guide" not in ckpt.load_checkpoint(without.checkpoint_dir / ckpt.LATEST)
     # a run's own guide changes nothing of its training: the same weights
     assert all(torch.equal(a, b) for a, b in zip(without.model.state_dict().values(),
@@ -135,3 +136,16 @@ def test_the_command_line(tiny, tmp_path, capsys):
     line = expect_one_line(capsys, generate.main, ["--checkpoint", latest, "--guidance-interval",
                                                    "5", "1", "--quiet"])
     assert "LO < HI" in line
+
+
+def test_every_run_keeps_a_guide_and_models_without_classes_use_it():
+    """The measured default (docs/sampling.md#autoguidance): every run keeps its EMA at 1/8
+    of the budget; the CPU preset samples a model without classes with A = 1.5, a
+    conditional one plainly; explicit values win."""
+    from config import Config
+
+    assert Config().GUIDE_AT == Config.from_preset("cpu").GUIDE_AT == 0.125
+    assert Config.from_preset("cpu").AUTOGUIDANCE == 1.0  # with classes: off
+    assert Config.from_preset("cpu", CONDITIONAL=False).AUTOGUIDANCE == 1.5
+    assert Config.from_preset("cpu", CONDITIONAL=False, AUTOGUIDANCE=1.0).AUTOGUIDANCE == 1.0
+    assert Config.from_preset("none").AUTOGUIDANCE == 1.0  # not measured on the GPU model

@@ -115,6 +115,7 @@ def test_the_machine_is_recorded_where_training_ran(tiny, monkeypatch):
 @pytest.mark.parametrize("preset, changes", [
     ("cpu", {}),
     ("cpu", dict(MAX_STEPS=43000, THREADS=1, SEED=3, CONDITIONAL=False)),
+    ("cpu", dict(CONDITIONAL=False, AUTOGUIDANCE=1.0)),  # a flag that undoes a default of --no-conditional
     ("none", dict(CHANNEL_MULT=(1, 2), ATTENTION=False, MAX_MINUTES=5.0, DATASET="folder",
                   DATA_DIR="/my images", CHANNELS=3, IMAGE_SIZE=32)),
 ])
@@ -220,7 +221,7 @@ def test_export_mistakes_are_one_line(tiny, tmp_path, capsys):
 
 def test_exporting_again_replaces_the_files_and_drops_an_old_guide(tmp_path, tiny, capsys):
     guided = train(tiny(MAX_STEPS=2, GUIDE_AT=0.5)).checkpoint_dir / "latest.pt"
-    plain = train(tiny(MAX_STEPS=2, CHECKPOINT_DIR=str(tmp_path / "plain"))).checkpoint_dir
+    plain = train(tiny(MAX_STEPS=2, GUIDE_AT=0.0, CHECKPOINT_DIR=str(tmp_path / "plain"))).checkpoint_dir
     folder = export(guided, tmp_path / "hub")
     assert (folder / "guide.safetensors").is_file()
     export(plain / "latest.pt", folder)

@@ -173,7 +173,7 @@ def test_classifier_training_is_deterministic_and_quick_ones_are_cached(mnist, t
     """What makes `--retrain` reproduce the shipped file: the same seed gives the same
     weights, bit for bit (here on a small subset, one epoch, one process and thread count)."""
     images, labels = mnist.load("train")
-    images, labels = images[:512], labels[:512]
+    images, labels = images[:256], labels[:256]
     a = clf.train_classifier(images, labels, epochs=1, seed=3, progress=False).state_dict()
     b = clf.train_classifier(images, labels, epochs=1, seed=3, progress=False).state_dict()
     c = clf.train_classifier(images, labels, epochs=1, seed=4, progress=False).state_dict()
