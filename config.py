@@ -127,7 +127,7 @@ class Config:
     GUIDANCE: float = 1.0  # classifier-free guidance W: eps_u + W (eps_c - eps_u); 0 = unconditional, 1 = plain conditional (the best FID: docs/evaluation.md)
 
     # --- distillation ---
-    DISTILL: str = ""  # a trained checkpoint to distil into a student that samples in STUDENT_STEPS steps ('' = train on data)
+    DISTILL: str = ""  # a trained checkpoint (or pretrained) to distil into a student that samples in STUDENT_STEPS steps ('' = train on data)
     DISTILL_METHOD: DistillMethod = "progressive"  # progressive (Salimans & Ho 2022), consistency (Song et al. 2023) or ect, easy consistency tuning (Geng et al. 2024)
     STUDENT_STEPS: int = 4  # network evaluations per image of the distilled student
     TEACHER_STEPS: int = 64  # the teacher's deterministic (DDIM) steps the distillation starts from (not used by ect)

@@ -180,6 +180,11 @@ def test_main_distils_from_the_command_line(teacher, tmp_path, capsys):
     assert config["DISTILL"] == str(teacher) and config["SAMPLING_STEPS"] == 4
 
 
+def test_the_shipped_model_is_a_teacher_by_name(teacher):
+    config = distillation_config("pretrained", dict(STUDENT_STEPS=4, MAX_STEPS=10))
+    assert config.DISTILL == str(teacher) and config.STUDENT_STEPS == 4
+
+
 def test_bad_distillation_requests_are_one_line(teacher, tmp_path, capsys):
     student = _distil(teacher, tmp_path, MAX_STEPS=2).checkpoint_dir / ckpt.LATEST
     cases = [

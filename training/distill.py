@@ -52,6 +52,7 @@ import torch
 from config import RUN_CONTROL, Config, ConfigError, flag_for
 from models import samplers
 from models.diffusion import DiffusionModel
+from sampling import pretrained
 from training.trainer import Trainer
 from utils import checkpoint as ckpt
 from utils import distributed as dist
@@ -117,7 +118,9 @@ def distillation_config(teacher_path, requested: dict) -> Config:
     """The config of a distillation run of the checkpoint at `teacher_path`: the teacher's
     model, DISTILL_DEFAULTS, then the flags given (other settings that differ from the
     teacher's are refused: they would describe another model). A requested GUIDANCE is
-    the teacher's, baked into the student (TEACHER_GUIDANCE); the student's is 1."""
+    the teacher's, baked into the student (TEACHER_GUIDANCE); the student's is 1.
+    "pretrained" names the model that ships with the repo."""
+    teacher_path = pretrained.resolve(teacher_path)
     state = ckpt.load_checkpoint(teacher_path)
     teacher = Config.from_dict(state["config"])
     if teacher.DISTILL:
