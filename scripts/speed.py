@@ -60,7 +60,8 @@ if __package__ in (None, ""):  # run as a file (python scripts/NAME.py): the rep
 from config import Config
 from models.diffusion import DiffusionModel
 from sampling import fast
-from sampling.settings import choose_classes, labels_for, resolve
+from sampling.api import settings_for
+from sampling.settings import choose_classes, labels_for
 from utils import allocator
 from utils.errors import UsageError, report_errors
 from utils.files import save_json
@@ -83,7 +84,7 @@ class Measurement:
     def __init__(self, args, model: DiffusionModel, work: Path):
         self.args, self.model, self.work = args, model, work
         steps = DRY["steps"] if args.dry_run else None
-        self.settings = resolve(model.config, steps=steps)
+        self.settings = settings_for(model, steps=steps)
         self.classes = choose_classes(model.config)
         self.reference = None  # eager's first --check images
         self.exporter = None  # which ONNX exporter worked, once the UNet is exported

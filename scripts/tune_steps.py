@@ -35,8 +35,8 @@ import torch
 from config import ConfigError, check_device
 from models import samplers
 from sampling import pretrained
-from sampling.api import dataset_of, load_model
-from sampling.settings import choose_classes, labels_for, resolve
+from sampling.api import dataset_of, load_model, settings_for
+from sampling.settings import choose_classes, labels_for
 from utils import checkpoint as ckpt
 from utils.errors import report_errors
 from utils.files import save_json
@@ -126,7 +126,7 @@ def run(args) -> int:
     device = check_device(args.device)
     model = load_model(args.checkpoint, device)
     config = model.config
-    settings = resolve(config, args.sampler, args.steps, args.eta)
+    settings = settings_for(model, args.sampler, args.steps, args.eta)
     if settings.sampler == "ddpm":
         raise ConfigError("the checkpoint samples with ddpm, which takes every timestep: "
                           "choose a --sampler (ddim, dpm-solver, dpm-solver-3m, consistency)")
@@ -140,8 +140,8 @@ def run(args) -> int:
                           progress=False)
 
     def fid(timesteps: tuple) -> float:
-        kwargs = resolve(config, settings.sampler, args.steps, settings.eta,
-                         timesteps).sample_kwargs()
+        kwargs = settings_for(model, settings.sampler, args.steps, settings.eta,
+                              timesteps).sample_kwargs()
         images = model.generate(args.samples, batch_size=args.batch_size, progress=False,
                                 labels=None if labels is None else labels.to(device),
                                 seed=args.seed, **kwargs)
