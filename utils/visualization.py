@@ -14,8 +14,6 @@ import matplotlib
 
 if "MPLBACKEND" not in os.environ:
     matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -27,9 +25,19 @@ from utils.files import atomic_write  # noqa: E402
 PADDING = 2  # pixels between the images of a grid (and around it)
 
 
+def _pyplot():
+    """matplotlib.pyplot, imported when a figure is drawn: it takes about a second, which
+    every process that draws no plot (`--help`, sampling to PNG grids) is spared."""
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _figure(figsize, ncols: int = 1):
     """A figure outside pyplot's registry: closing pyplot figures runs the garbage
     collector (a third of a second in a process holding a model), written ones need none."""
+    from matplotlib.figure import Figure  # imported when needed, as pyplot is
+
     fig = Figure(figsize=figsize)
     axes = fig.subplots(1, ncols)
     return fig, axes
@@ -72,6 +80,7 @@ def plot_images(images: torch.Tensor, title: str = "", nrow: int = 4, figsize=(1
     picture = grid_image(images, nrow, normalize, scale=1)
     if figsize is None:
         figsize = (max(3, picture.width / 40), max(3, picture.height / 40))
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=figsize)
     ax.imshow(np.asarray(picture), cmap="gray", vmin=0, vmax=255)
     ax.set_title(title)
@@ -229,6 +238,7 @@ def save_gif(frames: list[torch.Tensor], save_path, nrow: int = 8, duration_ms: 
 def show(path) -> None:
     """Open a PNG in a window if this machine has a display; otherwise say where it is."""
     try:
+        plt = _pyplot()
         plt.switch_backend("TkAgg")
         image = plt.imread(str(path))
         plt.figure(figsize=(6, 6))
