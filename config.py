@@ -124,6 +124,7 @@ class Config:
     SPACING: Spacing = "auto"  # sampling timesteps: auto = logsnr for dpm-solver, time for ddim; trailing = T(1 - k/steps) - 1 (Lin et al.); tuned = those scripts/tune_steps.py found
     TUNED_TIMESTEPS: tuple = ()  # the timesteps of --spacing tuned, from T-1 down (recorded by scripts/tune_steps.py)
     AUTOGUIDANCE: float = 1.0  # autoguidance A: guide + A (model - guide), the guide the GUIDE_AT snapshot; 1 = off
+    GUIDANCE_INTERVAL: tuple = ()  # guide (both kinds) only at noise levels LO < sigma <= HI (Kynkaanniemi et al. 2024; sigma = sqrt((1 - abar) / abar)); none (or 0 inf): at every level
     GUIDANCE: float = 1.0  # classifier-free guidance W: eps_u + W (eps_c - eps_u); 0 = unconditional, 1 = plain conditional (the best FID: docs/evaluation.md)
 
     # --- distillation ---
@@ -267,6 +268,11 @@ class Config:
         if self.AUTOGUIDANCE < 0:
             raise ConfigError(f"--autoguidance must be >= 0 (1 = off, 0 = the guide alone), "
                               f"got {self.AUTOGUIDANCE}")
+        if self.GUIDANCE_INTERVAL and not (
+                len(self.GUIDANCE_INTERVAL) == 2
+                and 0 <= self.GUIDANCE_INTERVAL[0] < self.GUIDANCE_INTERVAL[1]):
+            raise ConfigError(f"--guidance-interval LO HI needs 0 <= LO < HI (noise levels "
+                              f"sigma; 0 inf = everywhere), got {_text(self.GUIDANCE_INTERVAL)}")
         if self.GUIDANCE < 0:
             raise ConfigError(f"--guidance must be >= 0 (0 = unconditional, 1 = conditional), "
                               f"got {self.GUIDANCE}")
@@ -367,6 +373,8 @@ PRESETS = {
 # measured (docs/sampling.md#autoguidance).
 WITHOUT_CLASSES = {"cpu": dict(AUTOGUIDANCE=2.0)}
 
+# Tuple fields given as two floats (the others are integers).
+FLOAT_PAIRS = {"GUIDANCE_INTERVAL": ("LO", "HI")}
 # Flags whose name is not simply the field's name in kebab case.
 FLAG_NAMES = {"LEARNING_RATE": "--lr", "SCHEDULE_TYPE": "--schedule"}
 # Second spellings: torchrun's own parser refuses `--log` after the script (an ambiguous
@@ -508,6 +516,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, names=None, rename: di
             kwargs.update(choices=get_args(hint), metavar="{" + ",".join(get_args(hint)) + "}")
         elif hint is bool:
             kwargs.update(action=argparse.BooleanOptionalAction)
+        elif name in FLOAT_PAIRS:
+            kwargs.update(type=float, nargs=2, metavar=FLOAT_PAIRS[name])
         elif hint is tuple:
             kwargs.update(type=int, nargs="+", metavar="M")
         else:

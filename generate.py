@@ -105,7 +105,8 @@ def _how_to_sample(g) -> None:
                         "own early snapshot)")
     g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                    help="guide (both kinds) only at noise levels LO < sigma <= HI "
-                        "(Kynkaanniemi et al. 2024; sigma = sqrt((1 - abar) / abar))")
+                        "(Kynkaanniemi et al. 2024; sigma = sqrt((1 - abar) / abar)); 0 inf = "
+                        "at every level (default: the checkpoint's setting)")
     g.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                    help="guidance rescaling of Lin et al. 2023 (0 = off, 0.7 in their paper); "
                         "see the guidance sweep in docs/ before using it (default: 0)")

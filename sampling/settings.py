@@ -120,7 +120,16 @@ def resolve(config: Config, sampler: str | None = None, steps: int | None = None
                             guidance_rescale=guidance_rescale,
                             precision=resolve_precision(precision, device),
                             autoguidance=config.AUTOGUIDANCE if autoguidance is None
-                            else autoguidance, interval=tuple(interval) if interval else None)
+                            else autoguidance,
+                            interval=_interval(config.GUIDANCE_INTERVAL if interval is None
+                                               else interval))
+
+
+def _interval(interval) -> tuple | None:
+    """(lo, hi) where guidance applies, or None for every noise level (also for 0 inf)."""
+    if not interval or (interval[0] <= 0 and math.isinf(interval[1])):
+        return None
+    return tuple(float(v) for v in interval)
 
 
 def for_training(config: Config) -> SamplingSettings:

@@ -150,3 +150,24 @@ def test_every_run_keeps_a_guide_and_models_without_classes_use_it():
     assert Config.from_preset("cpu", CONDITIONAL=False).AUTOGUIDANCE == 2.0
     assert Config.from_preset("cpu", CONDITIONAL=False, AUTOGUIDANCE=1.0).AUTOGUIDANCE == 1.0
     assert Config.from_preset("none").AUTOGUIDANCE == 1.0  # not measured on the GPU model
+
+
+def test_a_recorded_guidance_interval_is_the_default_and_the_flag_wins():
+    """main.py --guidance-interval records (LO, HI) in the run's config; sampling uses it
+    unless generate.py's flag says otherwise (0 inf: every noise level)."""
+    import math
+
+    import main
+    from config import Config, ConfigError, config_overrides
+    from sampling.settings import resolve
+
+    args = main.build_parser().parse_args(["--guidance-interval", "0.28", "5.42"])
+    recorded = Config(**config_overrides(args)).validate()
+    assert recorded.GUIDANCE_INTERVAL == (0.28, 5.42)
+    assert Config.from_dict(recorded.to_dict()).GUIDANCE_INTERVAL == (0.28, 5.42)
+    assert resolve(recorded).interval == (0.28, 5.42)
+    assert resolve(recorded, interval=(1.0, 2.0)).interval == (1.0, 2.0)
+    assert resolve(recorded, interval=(0.0, math.inf)).interval is None
+    assert resolve(Config()).interval is None
+    with pytest.raises(ConfigError, match="LO < HI"):
+        Config(GUIDANCE_INTERVAL=(5.0, 1.0)).validate()
