@@ -148,6 +148,8 @@ def test_every_run_keeps_a_guide_and_models_without_classes_use_it():
     assert Config.from_preset("cpu").AUTOGUIDANCE == 1.25
     assert Config.from_preset("cpu", AUTOGUIDANCE=1.0).AUTOGUIDANCE == 1.0
     assert Config.from_preset("cpu", CONDITIONAL=False).AUTOGUIDANCE == 2.0
+    assert Config.from_preset("cpu", CONDITIONAL=False).GUIDANCE_INTERVAL == (0.28, 5.42)
+    assert Config.from_preset("cpu").GUIDANCE_INTERVAL == ()  # with labels: everywhere
     assert Config.from_preset("cpu", CONDITIONAL=False, AUTOGUIDANCE=1.0).AUTOGUIDANCE == 1.0
     assert Config.from_preset("none").AUTOGUIDANCE == 1.0  # not measured on the GPU model
 
