@@ -268,11 +268,8 @@ class Config:
         if self.AUTOGUIDANCE < 0:
             raise ConfigError(f"--autoguidance must be >= 0 (1 = off, 0 = the guide alone), "
                               f"got {self.AUTOGUIDANCE}")
-        if self.GUIDANCE_INTERVAL and not (
-                len(self.GUIDANCE_INTERVAL) == 2
-                and 0 <= self.GUIDANCE_INTERVAL[0] < self.GUIDANCE_INTERVAL[1]):
-            raise ConfigError(f"--guidance-interval LO HI needs 0 <= LO < HI (noise levels "
-                              f"sigma; 0 inf = everywhere), got {_text(self.GUIDANCE_INTERVAL)}")
+        if interval_problem(self.GUIDANCE_INTERVAL):
+            raise ConfigError(interval_problem(self.GUIDANCE_INTERVAL))
         if self.GUIDANCE < 0:
             raise ConfigError(f"--guidance must be >= 0 (0 = unconditional, 1 = conditional), "
                               f"got {self.GUIDANCE}")
@@ -469,6 +466,15 @@ def _shown_default(name: str, defaults: dict, preset_values: dict, preset: str) 
         return (f"{_text(value)} here (--preset {preset}, this machine's); "
                 f"{_text(defaults[name])} with --preset none")
     return _text(defaults[name]) if name in defaults else ""
+
+
+def interval_problem(interval) -> str | None:
+    """What is wrong with a --guidance-interval (LO, HI) (main.py's and generate.py's),
+    or None; empty means every noise level."""
+    if interval and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
+        return (f"--guidance-interval LO HI needs 0 <= LO < HI (noise levels sigma; 0 inf = "
+                f"everywhere), got {_text(tuple(interval))}")
+    return None
 
 
 def _text(value) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from config import (Config, ConfigError, OneLineArgumentParser, add_config_arguments,
-                    check_device, check_writable, config_overrides)
+                    check_device, check_writable, config_overrides, interval_problem)
 from sampling.api import (generate_class_interpolation, generate_images, generate_interpolation,
                           load_model)
 from sampling.editing import MASKS
@@ -217,8 +217,8 @@ def check_args(args, parser) -> None:
     for a in args.autoguidance or ():
         if not 0 <= a < float("inf"):
             parser.error(f"--autoguidance must be a finite number >= 0 (1 = off), got {a:g}")
-    if args.guidance_interval and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
-        parser.error("--guidance-interval LO HI needs 0 <= LO < HI (noise levels sigma)")
+    if interval_problem(args.guidance_interval):
+        parser.error(interval_problem(args.guidance_interval))
     if args.save_npz and len(args.guidance or ()) * len(args.autoguidance or [1]) > 1:
         parser.error("--save-npz takes one --guidance and one --autoguidance value")
     for s in args.strength:
