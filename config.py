@@ -131,7 +131,7 @@ class Config:
     DISTILL: str = ""  # a trained checkpoint (or pretrained) to distil into a student that samples in STUDENT_STEPS steps ('' = train on data)
     DISTILL_METHOD: DistillMethod = "progressive"  # progressive (Salimans & Ho 2022), consistency (Song et al. 2023) or ect, easy consistency tuning (Geng et al. 2024)
     STUDENT_STEPS: int = 4  # network evaluations per image of the distilled student
-    TEACHER_STEPS: int = 64  # the teacher's deterministic (DDIM) steps the distillation starts from (not used by ect)
+    TEACHER_STEPS: int = 16  # the teacher's deterministic (DDIM) steps the distillation starts from (not used by ect)
     TEACHER_GUIDANCE: float = 1.0  # the guidance W of the teacher's outputs a student learned (baked in: it samples at --guidance 1)
 
     # --- provenance ---
@@ -305,7 +305,8 @@ class Config:
                 or ratio & (ratio - 1)):
             raise ConfigError(f"progressive distillation halves the steps each round: "
                               f"--teacher-steps ({self.TEACHER_STEPS}) must be --student-steps "
-                              f"({self.STUDENT_STEPS}) times a power of 2 (2, 4, 8, ...)")
+                              f"({self.STUDENT_STEPS}) times a power of 2 (2, 4, 8, ...), "
+                              f"e.g. --teacher-steps {2 * self.STUDENT_STEPS}")
 
     def _check_model(self) -> None:
         """The UNet's shape against the image's, the closed sets, the device."""

@@ -197,6 +197,9 @@ def test_bad_distillation_requests_are_one_line(teacher, tmp_path, capsys):
          "need 1 <= student <= teacher"),
         (["--distill", str(teacher), "--student-steps", "8", "--teacher-steps", "8"],
          "must be --student-steps (8) times a power of 2"),
+        (["--distill", str(teacher), "--student-steps", "16"],  # the default teacher: 16 steps
+         "--teacher-steps (16) must be --student-steps (16) times a power of 2 (2, 4, 8, ...), "
+         "e.g. --teacher-steps 32"),
         (["--distill", str(teacher), "--student-steps", "0"], "--student-steps (0)"),
         (["--distill", str(teacher), "--student-steps", "1001"], "--student-steps (1001)"),
         (["--distill", str(teacher), "--student-steps", "1000"], "--student-steps (1000)"),
