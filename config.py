@@ -268,8 +268,8 @@ class Config:
         if self.AUTOGUIDANCE < 0:
             raise ConfigError(f"--autoguidance must be >= 0 (1 = off, 0 = the guide alone), "
                               f"got {self.AUTOGUIDANCE}")
-        if interval_problem(self.GUIDANCE_INTERVAL):
-            raise ConfigError(interval_problem(self.GUIDANCE_INTERVAL))
+        if problem := interval_problem(self.GUIDANCE_INTERVAL):
+            raise ConfigError(problem)
         if self.GUIDANCE < 0:
             raise ConfigError(f"--guidance must be >= 0 (0 = unconditional, 1 = conditional), "
                               f"got {self.GUIDANCE}")

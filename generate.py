@@ -217,8 +217,8 @@ def check_args(args, parser) -> None:
     for a in args.autoguidance or ():
         if not 0 <= a < float("inf"):
             parser.error(f"--autoguidance must be a finite number >= 0 (1 = off), got {a:g}")
-    if interval_problem(args.guidance_interval):
-        parser.error(interval_problem(args.guidance_interval))
+    if problem := interval_problem(args.guidance_interval):
+        parser.error(problem)
     if args.save_npz and len(args.guidance or ()) * len(args.autoguidance or [1]) > 1:
         parser.error("--save-npz takes one --guidance and one --autoguidance value")
     for s in args.strength:
