@@ -246,7 +246,7 @@ def stage_cuda_tests(run: Run):
     log, xml = run.out / "pytest_cuda.log", run.work / "pytest_cuda.xml"
     timeout = max(10.0, min(run.plan.tests_timeout_s, run.remaining() - 60))
     command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-               "tests/test_cuda.py", f"--junitxml={xml}"]
+               "-n", "0", "tests/test_cuda.py", f"--junitxml={xml}"]  # one file: no workers
     env = {**os.environ, "MNIST_DATA_DIR": str(run.data_dir.resolve()), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,

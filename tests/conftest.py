@@ -1,6 +1,7 @@
 """Shared fixtures (the helpers themselves are in tests/helpers.py). Everything runs on
 the CPU and never touches the network; subprocess-heavy tests are marked `slow`
-(`pytest -m "not slow"` is the edit loop)."""
+(`pytest -m "not slow"` is the edit loop). pytest.ini runs the files on every core
+(pytest-xdist, `-n auto`, a file's tests on one worker); `-n 0` runs them in this process."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,26 @@ import torch
 
 import helpers
 
-torch.set_num_threads(int(os.environ.get("TEST_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
+
+def _threads() -> int:
+    """Threads per test process: $TEST_THREADS, else the cores shared among pytest-xdist's
+    workers (at most 2: the tiny models gain nothing from more)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    return int(os.environ.get("TEST_THREADS", 0)) or max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
+torch.set_num_threads(_threads())
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini): one worker a core, at most 4 (each holds MNIST, a model and
+    an evaluator: about 1.5 GB); none on one core or for one file, where starting workers
+    costs more than they save."""
+    files = {str(arg).split("::")[0] for arg in config.args}
+    if len(files) == 1 and files.pop().endswith(".py"):
+        return 0
+    cores = os.cpu_count() or 1
+    return min(4, cores) if cores > 1 else 0
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +74,12 @@ def shared_evaluator(monkeypatch, quick_evaluator):
                         lambda args, progress: (lambda config: quick_evaluator))
     monkeypatch.setattr(trainer, "Evaluator", lambda *a, **k: quick_evaluator)
     return quick_evaluator
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files with the most `slow` tests first: pytest-xdist hands out whole files in
+    this order, so the long ones start early and the short ones fill every worker's end."""
+    slow = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])  # stable: a file's tests keep their order
