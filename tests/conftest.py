@@ -78,7 +78,9 @@ def shared_evaluator(monkeypatch, quick_evaluator):
 
 def pytest_collection_modifyitems(config, items):
     """The files with the most `slow` tests first: pytest-xdist hands out whole files in
-    this order, so the long ones start early and the short ones fill every worker's end."""
+    this order (pytest.ini: --no-loadscope-reorder; by default it would put the files with
+    the most tests first), so the long ones start early and the short ones fill every
+    worker's end."""
     slow = {}
     for item in items:
         slow[item.path] = slow.get(item.path, 0) + bool(item.get_closest_marker("slow"))
