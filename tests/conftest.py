@@ -5,6 +5,7 @@ the CPU and never touches the network; subprocess-heavy tests are marked `slow`
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,5 @@ def pytest_collection_modifyitems(config, items):
     this order (pytest.ini: --no-loadscope-reorder; by default it would put the files with
     the most tests first), so the long ones start early and the short ones fill every
     worker's end."""
-    slow = {}
-    for item in items:
-        slow[item.path] = slow.get(item.path, 0) + bool(item.get_closest_marker("slow"))
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.path])  # stable: a file's tests keep their order
