@@ -139,6 +139,21 @@ def test_later_rounds_get_more_of_the_budget():
     assert all(a < b for a, b in zip(shares, shares[1:])) and shares[-1] == pytest.approx(6 / 21)
 
 
+def test_the_lr_schedule_runs_once_per_round(teacher, tmp_path):
+    """8 -> 4 -> 2: rounds of a third and two thirds of the budget; a linear schedule decays
+    to 0 at the end of each (Salimans & Ho), and a constant one stays at the peak."""
+    config = distillation_config(teacher, dict(TEACHER_STEPS=8, STUDENT_STEPS=2, MAX_STEPS=30,
+                                               LR_SCHEDULE="linear", CHECKPOINT_DIR=str(tmp_path)))
+    distiller = Distiller(config, progress=False, log=quiet)
+    peak = distiller.base_lr
+    lrs = [distiller.lr_at(100, f) / peak for f in (0.0, 1 / 6, 1 / 3 - 1e-9, 1 / 3, 2 / 3, 1.0)]
+    assert lrs == pytest.approx([1.0, 0.5, 0.0, 1.0, 0.5, 0.0], abs=1e-6)
+    ect = Distiller(config.replace(DISTILL_METHOD="ect"), progress=False, log=quiet)
+    assert ect.lr_at(100, 0.5) / peak == pytest.approx(0.5)  # one schedule over the budget
+    constant = Distiller(config.replace(LR_SCHEDULE="constant"), progress=False, log=quiet)
+    assert constant.lr_at(100, 0.9) == pytest.approx(peak)
+
+
 def test_ect_pairs_close_in_on_one_timestep_over_the_stages():
     """Geng et al.'s mapping on this grid: r < t always (-1 is the clean data); stage 0
     pairs most noise levels with the clean data, each stage halves the gap, and the last

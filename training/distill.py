@@ -223,6 +223,16 @@ class Distiller(Trainer):
         """The EMA restarts with each round (its warm-up counts from the round's start)."""
         return super().ema_decay_at(step - getattr(self, "round_start", 0))
 
+    def lr_at(self, step: int, fraction: float = 0.0) -> float:
+        """In progressive distillation the learning-rate schedule (LR_SCHEDULE) runs once per
+        round, over the round's share of the budget, as Salimans & Ho anneal it to 0 in
+        each: every round's student ends converged before it teaches the next."""
+        if self.config.DISTILL_METHOD == "progressive" and getattr(self, "rounds", 1) > 1:
+            starts = round_starts(self.rounds) + [1.0]
+            k = self._round_for(fraction)
+            fraction = (fraction - starts[k]) / (starts[k + 1] - starts[k])
+        return super().lr_at(step, fraction)
+
     def plan(self) -> str:
         """The Trainer's plan, and a line on what the distillation does."""
         return super().plan() + "\n" + self.describe_method()
@@ -237,6 +247,9 @@ class Distiller(Trainer):
             text = (f"distillation: progressive (Salimans & Ho 2022), {chain} steps in "
                     f"{self.rounds} round(s) of {shares} of the budget (the later, harder "
                     f"rounds longer); the student samples with DDIM on the trailing grid")
+            if cfg.LR_SCHEDULE != "constant":
+                text += (f"; the learning rate decays ({cfg.LR_SCHEDULE}) to {cfg.LR_FLOOR:g} "
+                         f"of its peak in each round")
         elif cfg.DISTILL_METHOD == "consistency":
             text = (f"distillation: consistency (Song et al. 2023) along the teacher's "
                     f"{cfg.TEACHER_STEPS}-point DDIM path, the student's EMA as its target; "
