@@ -86,7 +86,7 @@ class Config:
     EPOCHS: int = 100  # passes over the training set
     LEARNING_RATE: float = 1e-4  # AdamW learning rate at BATCH_SIZE 128 (scaled by sqrt(batch/128))
     LR_WARMUP_STEPS: int = 500  # linear learning-rate warm-up, in optimizer steps
-    LR_SCHEDULE: LRSchedule = "constant"  # decay over the run's budget (steps, epochs or minutes) to LR_FLOOR at its end
+    LR_SCHEDULE: LRSchedule = "constant"  # decay over the run's budget (steps, epochs or minutes; a progressive distillation's: each round) to LR_FLOOR at its end
     LR_FLOOR: float = 0.0  # the learning rate at the end of a decaying schedule, as a fraction of the peak
     WEIGHT_DECAY: float = 0.0  # AdamW weight decay
     GRAD_CLIP: float = 1.0  # clip the gradient norm to this (0 = off)
