@@ -226,12 +226,11 @@ class Distiller(Trainer):
     def lr_at(self, step: int, fraction: float = 0.0) -> float:
         """In progressive distillation the learning-rate schedule (LR_SCHEDULE) runs once per
         round, over the round's share of the budget, as Salimans & Ho anneal it to 0 in
-        each: every round's student ends converged before it teaches the next."""
-        if self.config.DISTILL_METHOD == "progressive" and getattr(self, "rounds", 1) > 1:
-            starts = round_starts(self.rounds) + [1.0]
-            k = self._round_for(fraction)
-            fraction = (fraction - starts[k]) / (starts[k + 1] - starts[k])
-        return super().lr_at(step, fraction)
+        each: every round's student ends converged before it teaches the next. (The other
+        methods have one round: the budget's schedule.)"""
+        starts = round_starts(self.rounds) + [1.0]
+        k = self._round_for(fraction)
+        return super().lr_at(step, (fraction - starts[k]) / (starts[k + 1] - starts[k]))
 
     def plan(self) -> str:
         """The Trainer's plan, and a line on what the distillation does."""
