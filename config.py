@@ -72,6 +72,7 @@ class Config:
     DROPOUT: float = 0.0  # dropout inside residual blocks
     CONDITIONAL: bool = False  # learn the images' classes too (a class embedding), for --digit/--class and --guidance; the CPU preset turns it on
     CLASS_DROPOUT: float = 0.1  # share of each batch trained without its label (the "no class" token)
+    CLUSTERS: int = 0  # without labels (--no-conditional): learn K k-means clusters of the training images as classes instead (Bao et al. 2022); sampling draws them in proportion to their sizes; 0 = none
 
     # --- diffusion ---
     TIMESTEPS: int = 1000  # diffusion steps T (timesteps are 0-indexed: 0 .. T-1)
@@ -137,6 +138,7 @@ class Config:
     # --- provenance ---
     PRESET: Preset = "none"  # the preset this run started from (set by --preset; none = the defaults)
     CLASS_NAMES: tuple = ()  # the dataset's classes, recorded when a run starts (a folder's subfolders)
+    CLUSTER_SIZES: tuple = ()  # the training images in each of the CLUSTERS clusters, recorded when a run starts
     DATA_FINGERPRINT: str = ""  # the dataset's content hash, recorded when a run starts
 
     @classmethod
@@ -146,8 +148,11 @@ class Config:
         'auto' is 'cpu' when the run's device (overrides' DEVICE, else the default) is the
         CPU and 'none' (the defaults) otherwise. A step or epoch budget among the overrides
         replaces the preset's time limit, unless MAX_MINUTES is given too; a model that learns
-        no classes (CONDITIONAL False) gets the preset's WITHOUT_CLASSES settings.
+        no classes (CONDITIONAL False) gets the preset's WITHOUT_CLASSES settings, and so does
+        one given CLUSTERS without CONDITIONAL (the clusters take the labels' place).
         """
+        if overrides.get("CLUSTERS") and "CONDITIONAL" not in overrides:
+            overrides = {**overrides, "CONDITIONAL": False}  # clusters stand in for the labels
         name = resolve_preset(preset, overrides.get("DEVICE"))
         if name not in PRESETS:
             raise ConfigError(f"unknown --preset {preset!r}; expected one of auto, "
@@ -169,8 +174,9 @@ class Config:
 
     @property
     def num_classes(self) -> int:
-        """Classes the model learns: the dataset's if CONDITIONAL, else 0."""
-        return len(self.class_names) if self.CONDITIONAL else 0
+        """Classes the network learns: the dataset's if CONDITIONAL, else its CLUSTERS
+        (0 for none)."""
+        return len(self.class_names) if self.CONDITIONAL else self.CLUSTERS
 
     def to_dict(self) -> dict:
         """Plain values only (str, int, float, bool, tuple), safe for weights_only loading."""
@@ -320,6 +326,12 @@ class Config:
             raise ConfigError(f"--channel-mult has {len(self.CHANNEL_MULT)} resolutions, so "
                               f"{len(self.CHANNEL_MULT) - 1} halvings, which a {side}x{side} "
                               f"input (image size / patch size) does not allow")
+        if self.CLUSTERS and self.CONDITIONAL:
+            raise ConfigError(f"--clusters {self.CLUSTERS} replaces the dataset's classes with "
+                              f"clusters of its images: add --no-conditional (or drop --clusters "
+                              f"to learn the classes)")
+        if self.CLUSTERS < 0 or self.CLUSTERS == 1:
+            raise ConfigError(f"--clusters must be 0 (none) or at least 2, got {self.CLUSTERS}")
         for name, hint in get_type_hints(type(self)).items():
             if get_origin(hint) is Literal and getattr(self, name) not in get_args(hint):
                 raise ConfigError(f"unknown {flag_for(name)} {getattr(self, name)!r}; "
@@ -380,7 +392,8 @@ FLAG_NAMES = {"LEARNING_RATE": "--lr", "SCHEDULE_TYPE": "--schedule"}
 # start of its --log-dir and --logs-specs), so under torchrun it is spelled --logger.
 FLAG_ALIASES = {"LOG": ("--logger",)}
 # Fields that are recorded, not asked for: no flag.
-NOT_FLAGS = {"PRESET", "CLASS_NAMES", "DATA_FINGERPRINT", "TUNED_TIMESTEPS", "TEACHER_GUIDANCE"}
+NOT_FLAGS = {"PRESET", "CLASS_NAMES", "CLUSTER_SIZES", "DATA_FINGERPRINT", "TUNED_TIMESTEPS",
+             "TEACHER_GUIDANCE"}
 # The flags most runs need, shown first in --help.
 COMMON = ("EPOCHS", "MAX_MINUTES", "MAX_STEPS", "BATCH_SIZE", "LEARNING_RATE", "CONDITIONAL",
           "DATASET", "DATA_DIR", "DEVICE", "SEED", "LOG")

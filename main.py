@@ -105,9 +105,9 @@ def check_request(args, config: Config) -> None:
     check_name(args.name)
     given = config_overrides(args)
     for name in ("GUIDANCE", "CLASS_DROPOUT"):
-        if name in given and not config.CONDITIONAL:
+        if name in given and not config.num_classes:
             raise ConfigError(f"{flag_for(name)} is for a class-conditional model: add "
-                              f"--conditional (the CPU preset's default)")
+                              f"--conditional (the CPU preset's default) or --clusters K")
     check_device(config.DEVICE)
     if config.LOG == "tensorboard":
         try:

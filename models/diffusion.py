@@ -18,6 +18,7 @@ from models import samplers
 from models.unet import UNet
 from utils import allocator, hub
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.clusters import clusters_of
 from utils.noise_scheduler import PREDICTIONS, NoiseScheduler
 from utils.seeding import PerSampleNoise
 
@@ -325,7 +326,10 @@ class DiffusionModel(nn.Module):
 
         Image k uses the noise of index first_index + k under `seed`, whatever the batch.
         labels (conditional models): the class of each image (see `denoiser`), sampled
-        with classifier-free guidance of scale `guidance`; None draws unconditionally.
+        with classifier-free guidance of scale `guidance`; None draws unconditionally, or,
+        for a model that learned clusters of its images as classes (Config.CLUSTERS), each
+        image of the cluster `utils.clusters.clusters_of` gives its index (in proportion
+        to the clusters' sizes).
         autoguidance A != 1 steers away from `guide` (default: `self.guide`, the
         checkpoint's early snapshot); guidance_interval (lo, hi) limits both guidances to
         those noise levels sigma (see `denoiser`).
@@ -333,6 +337,8 @@ class DiffusionModel(nn.Module):
         device = self.scheduler.betas.device if device is None else torch.device(device)
         indices = range(first_index, first_index + shape[0])
         noise = PerSampleNoise(seed, indices, tuple(shape[1:]), device)
+        if labels is None and self.config.CLUSTER_SIZES:
+            labels = clusters_of(self.config.CLUSTER_SIZES, indices, device)
         denoiser = self.denoiser(precision, labels, guidance, guidance_rescale,
                                  guide if guide is not None else self.guide, autoguidance,
                                  guidance_interval)

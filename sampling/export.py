@@ -132,6 +132,9 @@ def model_card(config: Config, state: dict, evaluations: list[dict], source: str
         f"{parameters / 1e6:.2f}M-parameter UNet predicting {config.PREDICTION}, "
         f"{config.TIMESTEPS:,} timesteps ({config.SCHEDULE_TYPE} schedule)"
         + (", with classifier-free guidance over its classes" if config.CONDITIONAL else "")
+        + (f", trained without labels on {config.CLUSTERS} k-means clusters of its images as "
+           f"classes (Bao et al. 2022), drawn in proportion to their sizes" if config.CLUSTERS
+           else "")
         + f". Its EMA weights, exported from {origin} by `python -m scripts.export` of the "
           f"MNIST diffusion code.", "",
         "| | |", "|---|---|",
@@ -186,6 +189,8 @@ def _data(config: Config, name: str) -> str:
                         f"images" if count else "")
     if config.CONDITIONAL:
         text += f"; classes {', '.join(config.class_names)}"
+    elif config.CLUSTERS:
+        text += f"; no labels used: {config.CLUSTERS} k-means clusters of the images as classes"
     return text
 
 

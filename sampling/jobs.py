@@ -31,7 +31,7 @@ from sampling.api import (chain, dataset_of, draw, edit_images, forward_process,
 from sampling.editing import load_mask, make_mask
 from utils.datasets.folder import read_image
 from sampling.settings import (arrange, choose_classes, default_count, format_classes,
-                               labels_for, row_labels)
+                               labels_for, row_labels, without_classes)
 from sampling import pretrained
 from utils import distributed as dist
 from utils.data_loader import normalize_images, to_uint8
@@ -536,12 +536,12 @@ def classes_asked(args) -> list[str]:
 
 
 def refuse_without_classes(args, config: Config) -> None:
-    asked = classes_asked(args)
+    """A flag that needs the dataset's classes, refused for a checkpoint without them
+    (guidance acts on the clusters of one that learned them, --clusters)."""
+    asked = [flag for flag in classes_asked(args)
+             if not (config.CLUSTERS and flag in ("--guidance", "--guidance-rescale"))]
     if asked and not config.CONDITIONAL:
-        raise ConfigError(f"{asked[0]} needs a class-conditional checkpoint; {args.checkpoint} "
-                          f"was trained without --conditional and draws random images only "
-                          f"(train one with: python main.py --conditional, the CPU preset's "
-                          f"default)")
+        raise ConfigError(without_classes(config, asked[0], str(args.checkpoint)))
 
 
 def save_editing_scores(ctx: Context) -> list[Path]:

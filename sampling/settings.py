@@ -10,7 +10,9 @@
   square-ish grid at most 10 wide.
 - `default_count`: 10 images per class asked for, 100 without classes.
 - `choose_classes`: a conditional model draws the classes asked for, or all of them; an
-  unconditional one refuses to be asked; `parse_classes` reads them as typed (7, 0-9, names).
+  unconditional one refuses to be asked (`without_classes` says why), and one that learned
+  clusters of its images (Config.CLUSTERS) draws them by itself, in proportion to their
+  sizes (`DiffusionModel.sample`); `parse_classes` reads them as typed (7, 0-9, names).
 """
 from __future__ import annotations
 
@@ -143,12 +145,22 @@ def choose_classes(config: Config, classes=None, what: str = "--digit") -> list[
     images); None (no classes) for an unconditional one."""
     if classes:
         if not config.CONDITIONAL:
-            raise ConfigError(f"{what} needs a class-conditional checkpoint; this one was "
-                              f"trained without --conditional and draws random images only "
-                              f"(train one with: python main.py --conditional, the CPU "
-                              f"preset's default)")
+            raise ConfigError(without_classes(config, what))
         return [class_index(config, c, what) for c in classes]
     return list(range(config.num_classes)) if config.CONDITIONAL else None
+
+
+def without_classes(config: Config, what: str, checkpoint: str = "this one") -> str:
+    """Why `what` cannot choose a class of a checkpoint trained without the dataset's
+    classes (one that learned clusters of its images draws those by itself)."""
+    if config.CLUSTERS:
+        return (f"{what} needs a class-conditional checkpoint; {checkpoint} learned "
+                f"{config.CLUSTERS} k-means clusters of its images instead of their classes "
+                f"(--clusters) and draws each in proportion to its size, none to be asked for "
+                f"(train one with: python main.py --conditional, the CPU preset's default)")
+    return (f"{what} needs a class-conditional checkpoint; {checkpoint} was trained without "
+            f"--conditional and draws random images only (train one with: python main.py "
+            f"--conditional, the CPU preset's default)")
 
 
 def class_index(config: Config, value, what: str = "--class") -> int:

@@ -118,6 +118,7 @@ RESUME_CASES = {  # settings, total steps, where the first run stops (4 steps pe
                                           EMA_STD=0.1, TIMESTEP_SAMPLING="lognormal",
                                           SAVE_EVERY=100), 9, -4),
     "conditional": (dict(CONDITIONAL=True, CLASS_DROPOUT=0.5, SAVE_EVERY=100), 7, 3),
+    "clusters": (dict(CLUSTERS=4, CLASS_DROPOUT=0.5, SAVE_EVERY=100), 7, 3),
     # the autoguidance guide is kept at step 3 of 9 (3/8 >= 0.3): before and after the stop
     "guide-kept-before-the-stop": (dict(GUIDE_AT=0.3, LR_SCHEDULE="linear", SAVE_EVERY=100), 9, -5),
     "guide-kept-after-the-resume": (dict(GUIDE_AT=0.3, PREDICTION="edm",
@@ -150,7 +151,7 @@ def test_resume_is_exact(tiny, tmp_path, case):
         assert resumed.guide_step == straight.guide_step == 3
         for name, value in straight.ema.guide.state_dict().items():
             assert torch.equal(value, resumed.ema.guide.state_dict()[name]), name
-    if settings.get("CONDITIONAL"):
+    if settings.get("CONDITIONAL") or settings.get("CLUSTERS"):
         assert straight.model.unet.class_embed.weight.abs().sum() > 0  # the embedding learned
 
 

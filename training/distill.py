@@ -286,7 +286,7 @@ class Distiller(Trainer):
         noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
         part = dist.local_slice(size)
         x0, index, noise = x0[part], index[part], noise[part]
-        labels = None if labels is None or not cfg.CONDITIONAL else labels[part]
+        labels = None if labels is None or not cfg.num_classes else labels[part]
         t = grid[index]
         if progressive:
             per_image = self._progressive(x0, t, grid[index + 1], grid[index + 2], noise, labels)
@@ -365,7 +365,7 @@ class Distiller(Trainer):
         noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
         part = dist.local_slice(size)
         x0, t, r, noise = x0[part], t[part], r[part], noise[part]
-        labels = None if labels is None or not self.config.CONDITIONAL else labels[part]
+        labels = None if labels is None or not self.config.num_classes else labels[part]
         clean = (r < 0).reshape(-1, 1, 1, 1)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):

@@ -33,12 +33,14 @@ from config import RUN_CONTROL, Config, ConfigError, config_for_resume
 from evaluation.metrics import Evaluator
 from models.diffusion import DiffusionModel
 from sampling.api import guidance_strip
-from sampling.settings import arrange, for_training, labels_for, resolve_precision, row_labels
+from sampling.settings import (arrange, choose_classes, for_training, labels_for,
+                               resolve_precision, row_labels)
 from training.logging import GUIDANCE_STRIP, RunInfo, RunLogger, make_loggers
 from training.schedules import EmaSchedule, base_lr, lr_at
 from utils import allocator, machine
 from utils import checkpoint as ckpt
 from utils import distributed as dist
+from utils.clusters import cluster_images
 from utils.data_loader import DataLoaderBatcher, InMemoryBatcher
 from utils.datasets import Dataset, open_dataset
 from utils.errors import DataError, Interrupted, ResourceError, first_line
@@ -108,6 +110,7 @@ class Trainer:
         self.device = torch.device(dist.local_device(config.DEVICE))
         if config.THREADS:
             torch.set_num_threads(config.THREADS)
+        self.cluster_ids = self._clusters(resume)  # the images' clusters (--clusters), or None
         seed_everything(config.SEED)
         self.precision = resolve_precision(config.PRECISION, config.DEVICE)
 
@@ -147,6 +150,37 @@ class Trainer:
         self._said_grids = False
         self._bins = torch.zeros(2, QUARTILES, device=self.device, dtype=torch.float64)
 
+    def _training_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images trained on and their labels (the first TRAIN_SIZE, if set)."""
+        images, labels = self.dataset.load("train")
+        size = self._config.TRAIN_SIZE
+        return (images[:size], labels[:size]) if size else (images, labels)
+
+    def _clusters(self, resume: dict | None) -> torch.Tensor | None:
+        """The cluster of each training image, for a run with CLUSTERS: k-means at a new
+        run's start (their sizes recorded in the config, for sampling), the recorded ones
+        on resume (so it continues on exactly the same classes)."""
+        cfg = self._config
+        if not cfg.CLUSTERS:
+            return None
+        if resume is not None and "clusters" in resume:
+            return resume["clusters"].long()
+        images, _ = self._training_images()
+        if cfg.CLUSTERS > len(images):
+            raise ConfigError(f"--clusters {cfg.CLUSTERS} exceeds the {len(images):,} training "
+                              f"images of {self.dataset.title}")
+        started = time.perf_counter()
+        ids, sizes = cluster_images(images, cfg.CLUSTERS)
+        self.log(f"clusters: k-means of the {len(images):,} training images into "
+                 f"{cfg.CLUSTERS} (sizes {min(sizes):,}-{max(sizes):,}) in "
+                 f"{duration(time.perf_counter() - started)}; the model learns them as classes")
+        if cfg.CLUSTER_SIZES and tuple(cfg.CLUSTER_SIZES) != sizes:  # e.g. a teacher's
+            self.log("warning: these clusters differ from the ones recorded in the checkpoint "
+                     "(another machine's float arithmetic moved k-means); training goes on "
+                     "with the new ones")
+        self._config = cfg.replace(CLUSTER_SIZES=sizes)
+        return ids
+
     def _build_model(self) -> None:
         """The model, its EMA (what samples) and the optimizer, on the run's device."""
         config = self._config
@@ -161,9 +195,9 @@ class Trainer:
 
     def _make_batcher(self):
         config = self._config
-        images, labels = self.dataset.load("train")
-        if config.TRAIN_SIZE:
-            images, labels = images[:config.TRAIN_SIZE], labels[:config.TRAIN_SIZE]
+        images, labels = self._training_images()
+        if self.cluster_ids is not None:
+            labels = self.cluster_ids
         if config.BATCH_SIZE > len(images):
             raise ConfigError(f"--batch-size {config.BATCH_SIZE} exceeds the {len(images):,} "
                               f"training images of {self.dataset.title}")
@@ -171,7 +205,7 @@ class Trainer:
             return DataLoaderBatcher(images, labels, config.BATCH_SIZE, config.SEED, self.device,
                                      config.NUM_WORKERS)
         return InMemoryBatcher(images, config.BATCH_SIZE, config.SEED, self.device,
-                               labels if config.CONDITIONAL else None)
+                               labels if config.num_classes else None)
 
     def _wrap_for_processes(self):
         if not dist.is_initialized():
@@ -259,7 +293,7 @@ class Trainer:
                     f"--max-minutes caps the time")
         if cfg.EVAL_EVERY:
             count = self._evaluation_count(min(seconds, limit or seconds))
-            each = cfg.EVAL_SAMPLES * for_training(cfg).network_evaluations(cfg.CONDITIONAL) \
+            each = cfg.EVAL_SAMPLES * for_training(cfg).network_evaluations(cfg.num_classes > 0) \
                 * self.estimate_step_seconds() / (3 * cfg.BATCH_SIZE)
             text += (f"; plus {count} evaluation(s) of {cfg.EVAL_SAMPLES} samples (--eval-every "
                      f"{cfg.EVAL_EVERY}), about {duration(each)} each, outside the budget")
@@ -274,6 +308,9 @@ class Trainer:
                    if names else "no classes (one set of images)")
         learned = ("learned (--conditional)" if cfg.CONDITIONAL else
                    "not learned (--no-conditional)") if names else ""
+        if cfg.CLUSTERS:
+            learned += (", " if learned else "") + (f"the model learns {cfg.CLUSTERS} k-means "
+                                                    f"clusters of the images instead (--clusters)")
         subset = (f"; training on the first {cfg.TRAIN_SIZE:,} (--train-size)"
                   if cfg.TRAIN_SIZE else "")
         return (f"data: {data.title}, {data.split or 'its training and test splits'}; "
@@ -283,7 +320,7 @@ class Trainer:
         """Seconds a sample grid of NUM_SAMPLES takes at `step_seconds` a training step (a
         sampling step of one image costs about a third of a training step's share of it)."""
         cfg = self._config
-        evaluations = self.sampling_settings().network_evaluations(cfg.CONDITIONAL)
+        evaluations = self.sampling_settings().network_evaluations(cfg.num_classes > 0)
         return cfg.NUM_SAMPLES * evaluations * step_seconds / (3 * cfg.BATCH_SIZE)
 
     def _evaluation_count(self, seconds: float) -> int:
@@ -342,7 +379,7 @@ class Trainer:
                                                   cfg.TIMESTEP_SAMPLING)
         noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
         # a model without classes ignores the labels (the DataLoader yields them all the same)
-        labels = self.drop_labels(labels) if cfg.CONDITIONAL else None
+        labels = self.drop_labels(labels) if cfg.num_classes else None
         part = dist.local_slice(size)
         x0, t, noise = x0[part], t[part], noise[part]
         labels = None if labels is None else labels[part]
@@ -673,7 +710,7 @@ class Trainer:
         """A grid of EMA samples (one row per class of a conditional run), to the loggers;
         returns the PNG's path."""
         cfg = self._config
-        classes = list(range(cfg.num_classes)) or None
+        classes = choose_classes(cfg)
         count = -(-cfg.NUM_SAMPLES // len(classes)) * len(classes) if classes else cfg.NUM_SAMPLES
         if getattr(self, "_grid", (None,))[0] != self.step:  # the same weights: the same grid
             self._grid = (self.step, self.ema.sample(
@@ -701,7 +738,7 @@ class Trainer:
         cfg = self._config
         count = num_samples or cfg.EVAL_SAMPLES
         settings = self.sampling_settings()
-        classes = list(range(cfg.num_classes)) or None
+        classes = choose_classes(cfg)
         part = dist.local_slice(count)  # each process draws its share of the images
         images = self.ema.generate(part.stop - part.start, first_index=part.start,
                                    progress=self.progress, seed=EVAL_SEED,
@@ -763,6 +800,8 @@ class Trainer:
             "rng": capture_rng_state(),
             **({"guide": self.ema.guide.state_dict(), "guide_step": self.guide_step}
                if self.ema.guide is not None else {}),
+            **({"clusters": self.cluster_ids.to(torch.int32)}
+               if self.cluster_ids is not None else {}),
         }
 
     def save_shared(self, path: Path) -> Path:
