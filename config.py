@@ -148,8 +148,9 @@ class Config:
         'auto' is 'cpu' when the run's device (overrides' DEVICE, else the default) is the
         CPU and 'none' (the defaults) otherwise. A step or epoch budget among the overrides
         replaces the preset's time limit, unless MAX_MINUTES is given too; a model that learns
-        no classes (CONDITIONAL False) gets the preset's WITHOUT_CLASSES settings, and so does
-        one given CLUSTERS without CONDITIONAL (the clusters take the labels' place).
+        no classes (CONDITIONAL False) gets the preset's WITHOUT_CLASSES settings (and so does
+        one given CLUSTERS without CONDITIONAL: the clusters take the labels' place), one
+        without clusters either (CLUSTERS 0) its WITHOUT_CLUSTERS settings on top.
         """
         if overrides.get("CLUSTERS") and "CONDITIONAL" not in overrides:
             overrides = {**overrides, "CONDITIONAL": False}  # clusters stand in for the labels
@@ -160,6 +161,8 @@ class Config:
         settings = dict(PRESETS[name])
         if not overrides.get("CONDITIONAL", settings.get("CONDITIONAL", cls.CONDITIONAL)):
             settings.update(WITHOUT_CLASSES.get(name, {}))
+            if not overrides.get("CLUSTERS", settings.get("CLUSTERS", cls.CLUSTERS)):
+                settings.update(WITHOUT_CLUSTERS.get(name, {}))
         if ("EPOCHS" in overrides or "MAX_STEPS" in overrides) and "MAX_MINUTES" not in overrides:
             settings.pop("MAX_MINUTES", None)
         return cls(**{**settings, **overrides, "PRESET": name})
@@ -370,19 +373,23 @@ PRESETS = {
                 # decay to 0 over the budget + power EMA: FID 45.9 vs 51.8 at 8,000 steps (docs/training.md)
                 LR_SCHEDULE="linear", EMA_RULE="power", EMA_STD=0.05,
                 # trained with the digits' labels (grids of 0-9, --digit): FID 5.8 against
-                # 34.6 without them in 15 minutes (docs/training.md); --no-conditional for the latter
+                # 34.6 without them in 15 minutes (docs/training.md); --no-conditional --clusters 0 for the latter
                 CONDITIONAL=True,
                 # autoguidance from the run's own EMA at 1/8 of the budget (GUIDE_AT): FID 13.75
                 # -> 7.16 on Fashion-MNIST at 12,250 steps, 5.86 -> 5.47 on MNIST (docs/sampling.md)
                 AUTOGUIDANCE=1.25),
 }
 
-# What a preset changes for a model that learns no classes (--no-conditional): a stronger
-# autoguidance, A = 2, from the run's own snapshot at GUIDE_AT (1/8 of the budget): FID
-# 37.3 -> 14.7 on unconditional MNIST at 12,250 steps, the best of the guides and scales
-# measured; guided only at 0.28 < sigma <= 5.42 (EDM2's interval): 13.9, and a third
-# faster to sample (docs/sampling.md#autoguidance).
-WITHOUT_CLASSES = {"cpu": dict(AUTOGUIDANCE=2.0, GUIDANCE_INTERVAL=(0.28, 5.42))}
+# What a preset changes for a model that learns no classes of the dataset (--no-conditional):
+# it learns 100 k-means clusters of the images as its classes instead (Bao et al. 2022),
+# sampled with the autoguidance of a model with classes (docs/results.md#clusters-as-classes).
+WITHOUT_CLASSES = {"cpu": dict(CLUSTERS=100)}
+# ... and for one without clusters either (--no-conditional --clusters 0, the design's
+# unconditional DDPM): a stronger autoguidance, A = 2, from the run's own snapshot at
+# GUIDE_AT (1/8 of the budget): FID 37.3 -> 14.7 on unconditional MNIST at 12,250 steps,
+# the best of the guides and scales measured; guided only at 0.28 < sigma <= 5.42 (EDM2's
+# interval): 13.9, and a third faster to sample (docs/sampling.md#autoguidance).
+WITHOUT_CLUSTERS = {"cpu": dict(AUTOGUIDANCE=2.0, GUIDANCE_INTERVAL=(0.28, 5.42))}
 
 # Tuple fields given as two floats (the others are integers).
 FLOAT_PAIRS = {"GUIDANCE_INTERVAL": ("LO", "HI")}
@@ -425,7 +432,8 @@ def training_command(config: Config) -> str:
     made = Config.from_preset(config.PRESET, **start, **given)  # e.g. --no-conditional's own
     given.update({name: getattr(config, name) for name in names  # defaults, and a flag that
                   if getattr(made, name) != getattr(config, name)})  # undoes one
-    for name in list(given):  # e.g. --max-minutes 0 is implied by --max-steps N
+    for name in reversed(list(given)):  # e.g. --max-minutes 0 is implied by --max-steps N,
+        # --clusters 100 by --no-conditional (the later field goes first)
         value = given.pop(name)
         if differs(given):
             given[name] = value

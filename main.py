@@ -91,7 +91,9 @@ def build_config(args) -> tuple[Config, dict | None]:
               "images in 15 minutes"
               + ((" and learns their classes: generate.py --digit 7 draws 7s"
                   if config.DATASET == "mnist" else " and learns their classes: generate.py "
-                  "--class NAME draws one") if config.CONDITIONAL else "")
+                  "--class NAME draws one") if config.CONDITIONAL else
+                 f" and, without the labels, learns {config.CLUSTERS} k-means clusters of the "
+                 f"images as its classes (--clusters 0: none)" if config.CLUSTERS else "")
               + f"); {config.MODEL_CHANNELS} channels" + (
                   " for this budget: a wider model makes a third of the steps on 2 cores and "
                   "lost at equal time (docs/training.md, model size)"

@@ -145,7 +145,7 @@ def estimate_cost(ctx: Context, count: int, probe: int = 50) -> str:
     draw(ctx.model, min(probe, count), settings, ctx.classes, ctx.args.seed, probe, False)
     seconds = (time.perf_counter() - start) / min(probe, count) * count * len(ctx.draws)
     return (f"evaluation: {len(ctx.draws)} draw(s) of {count:,} samples with {settings.label} "
-            f"({settings.network_evaluations(bool(ctx.classes))} network evaluations each): "
+            f"({settings.network_evaluations(ctx.model.conditional)} network evaluations each): "
             f"about {duration(seconds)} on this machine")
 
 
@@ -515,6 +515,10 @@ def describe(ctx: Context) -> None:
              f"{', '.join(f'{w:g}' for w in ctx.guidances)} (eps_u + W (eps_c - eps_u))"
              + (f", rescaled {ctx.args.guidance_rescale:g}" if ctx.args.guidance_rescale else "")
              if ctx.classes else "")
+          + (f"; {config.CLUSTERS} clusters of its images as classes (--clusters), each drawn "
+             f"in proportion to its size" + (f", guidance {', '.join(f'{w:g}' for w in ctx.guidances)}"
+                                             if ctx.guidances != [1.0] else "")
+             if config.CLUSTERS else "")
           + _describe_autoguidance(ctx, settings))
 
 

@@ -140,17 +140,21 @@ def test_the_command_line(tiny, tmp_path, capsys):
 
 def test_every_run_keeps_a_guide_and_models_without_classes_use_it():
     """The measured default (docs/sampling.md#autoguidance): every run keeps its EMA at 1/8
-    of the budget; the CPU preset samples a conditional model with A = 1.25, one without
-    classes with A = 2; explicit values win."""
+    of the budget; the CPU preset samples a model with classes (the dataset's, or clusters
+    of its images, --no-conditional's default) with A = 1.25, one without either with A = 2
+    inside the interval; explicit values win."""
     from config import Config
 
     assert Config().GUIDE_AT == Config.from_preset("cpu").GUIDE_AT == 0.125
     assert Config.from_preset("cpu").AUTOGUIDANCE == 1.25
     assert Config.from_preset("cpu", AUTOGUIDANCE=1.0).AUTOGUIDANCE == 1.0
-    assert Config.from_preset("cpu", CONDITIONAL=False).AUTOGUIDANCE == 2.0
-    assert Config.from_preset("cpu", CONDITIONAL=False).GUIDANCE_INTERVAL == (0.28, 5.42)
+    clusters = Config.from_preset("cpu", CONDITIONAL=False)
+    assert (clusters.CLUSTERS, clusters.AUTOGUIDANCE, clusters.GUIDANCE_INTERVAL) == (100, 1.25, ())
+    plain = Config.from_preset("cpu", CONDITIONAL=False, CLUSTERS=0)
+    assert (plain.AUTOGUIDANCE, plain.GUIDANCE_INTERVAL) == (2.0, (0.28, 5.42))
     assert Config.from_preset("cpu").GUIDANCE_INTERVAL == ()  # with labels: everywhere
-    assert Config.from_preset("cpu", CONDITIONAL=False, AUTOGUIDANCE=1.0).AUTOGUIDANCE == 1.0
+    assert Config.from_preset("cpu", CONDITIONAL=False, CLUSTERS=0,
+                              AUTOGUIDANCE=1.0).AUTOGUIDANCE == 1.0
     assert Config.from_preset("none").AUTOGUIDANCE == 1.0  # not measured on the GPU model
 
 

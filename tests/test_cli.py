@@ -81,7 +81,7 @@ def _expect_exit(capsys, entry, argv, code=2):
     (["--dataset", "folder", "--channels", "2"], "--channels must be 1 (greyscale) or 3"),
     (["--name", "x" * 300], "--name is 300 characters"),
     (["--eval-every", "1", "--eval-samples", "1"], "--eval-samples must be at least 10"),
-    (["--preset", "cpu", "--no-conditional", "--guidance", "2"], "--guidance is for a class-conditional"),
+    (["--preset", "cpu", "--no-conditional", "--clusters", "0", "--guidance", "2"], "--guidance is for a class-conditional"),
     (["--preset", "none", "--class-dropout", "0.2"], "--class-dropout is for a class-conditional"),
     (["--batch-size", "100000"], "--batch-size 100000 exceeds the 60,000 training images"),
     (["--train-size", "64", "--batch-size", "128"], "--batch-size 128 exceeds the 64 training"),

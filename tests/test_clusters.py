@@ -104,3 +104,9 @@ def test_the_scripts_refuse_to_choose_a_cluster(tiny, tmp_path, capsys):
     for flags in (["--digit", "3"], ["--interpolate-digits", "1", "2"]):
         message = expect_one_line(capsys, generate.main, ["--checkpoint", path, *flags])
         assert "learned 4 k-means clusters" in message and flags[0] in message
+
+
+def test_more_clusters_than_images_is_refused_in_one_line(tiny):
+    with pytest.raises(ConfigError, match=r"--clusters 100 exceeds the 64 training images.*"
+                                          r"--clusters 0: none"):
+        Trainer(tiny(CLUSTERS=100), progress=False, log=quiet)

@@ -116,6 +116,8 @@ def test_the_machine_is_recorded_where_training_ran(tiny, monkeypatch):
     ("cpu", {}),
     ("cpu", dict(MAX_STEPS=43000, THREADS=1, SEED=3, CONDITIONAL=False)),
     ("cpu", dict(CONDITIONAL=False, AUTOGUIDANCE=1.0)),  # a flag that undoes a default of --no-conditional
+    ("cpu", dict(CONDITIONAL=False, CLUSTERS=0)),  # the design's unconditional model, its own defaults
+    ("cpu", dict(CLUSTERS=20)),  # implies --no-conditional
     ("none", dict(CHANNEL_MULT=(1, 2), ATTENTION=False, MAX_MINUTES=5.0, DATASET="folder",
                   DATA_DIR="/my images", CHANNELS=3, IMAGE_SIZE=32)),
 ])

@@ -168,7 +168,8 @@ class Trainer:
         images, _ = self._training_images()
         if cfg.CLUSTERS > len(images):
             raise ConfigError(f"--clusters {cfg.CLUSTERS} exceeds the {len(images):,} training "
-                              f"images of {self.dataset.title}")
+                              f"images of {self.dataset.title}: ask for fewer (--clusters 0: "
+                              f"none)")
         started = time.perf_counter()
         ids, sizes = cluster_images(images, cfg.CLUSTERS)
         self.log(f"clusters: k-means of the {len(images):,} training images into "
