@@ -382,7 +382,8 @@ PRESETS = {
 
 # What a preset changes for a model that learns no classes of the dataset (--no-conditional):
 # it learns 100 k-means clusters of the images as its classes instead (Bao et al. 2022),
-# sampled with the autoguidance of a model with classes (docs/results.md#clusters-as-classes).
+# sampled with the preset's autoguidance A = 1.25: FID 7.87 against 14.41 for the design's
+# model at its best guidance (12,250 steps, 2,000 samples; docs/results.md#clusters-as-classes).
 WITHOUT_CLASSES = {"cpu": dict(CLUSTERS=100)}
 # ... and for one without clusters either (--no-conditional --clusters 0, the design's
 # unconditional DDPM): a stronger autoguidance, A = 2, from the run's own snapshot at
