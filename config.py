@@ -382,8 +382,8 @@ PRESETS = {
 
 # What a preset changes for a model that learns no classes of the dataset (--no-conditional):
 # it learns 100 k-means clusters of the images as its classes instead (Bao et al. 2022),
-# sampled with the preset's autoguidance A = 1.25: FID 7.87 against 14.41 for the design's
-# model at its best guidance (12,250 steps, 2,000 samples; docs/results.md#clusters-as-classes).
+# sampled with the preset's autoguidance A = 1.25: FID 5.51 against 13.91 for the design's
+# model at its best guidance (12,250 steps, 10,000 samples; docs/results.md#clusters-as-classes).
 WITHOUT_CLASSES = {"cpu": dict(CLUSTERS=100)}
 # ... and for one without clusters either (--no-conditional --clusters 0, the design's
 # unconditional DDPM): a stronger autoguidance, A = 2, from the run's own snapshot at
@@ -486,7 +486,7 @@ def _shown_default(name: str, defaults: dict, preset_values: dict, preset: str) 
     """What --help says a field defaults to: the value this machine's run will use."""
     if name in preset_values and preset_values[name] != defaults.get(name):
         value = preset_values[name]
-        return (f"{_text(value)} here (--preset {preset}, this machine's); "
+        return (f"{_text(value)} on this machine (--preset {preset}); "
                 f"{_text(defaults[name])} with --preset none")
     return _text(defaults[name]) if name in defaults else ""
 

@@ -26,7 +26,7 @@ def test_help_groups_the_flags_and_shows_this_machines_defaults(capsys):
     common = text[text.index("common settings:"):text.index("data:")]
     assert "--batch-size" in common and "--max-minutes" in common and "--dataset" in common
     if not torch.cuda.is_available():  # the CPU preset is what runs here
-        assert "32 here (--preset cpu, this machine's); 128 with --preset none" in \
+        assert "32 on this machine (--preset cpu); 128 with --preset none" in \
             " ".join(common.split())
 
 

@@ -287,7 +287,7 @@ class Trainer:
                   else f"{steps_left / self.steps_per_epoch:.1f} epochs")
         if limit is not None and limit < seconds:
             text = (f"plan: {duration(limit)} of training (--max-minutes {cfg.MAX_MINUTES:g}; "
-                    f"{budget} would take about {duration(seconds)} here)")
+                    f"{budget} would take about {duration(seconds)} on this machine)")
         else:
             text = (f"plan: {steps_left:,} steps of {cfg.BATCH_SIZE} ({budget}), about "
                     f"{duration(seconds)} on this machine; Ctrl-C saves a checkpoint, "
