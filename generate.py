@@ -67,8 +67,8 @@ def _what_to_draw(g) -> None:
                                         "model that ships with the repo) (default: latest.pt of "
                                         "the newest run in runs/, else pretrained)")
     g.add_argument("--output", help="PNG path of the picture; with several pictures, the grid's, "
-                                    "the others beside it (default: outputs/samples.png, or "
-                                    "samples-2.png etc. if taken: nothing is overwritten)")
+                                    "the others beside it (default: samples.png in --output-dir, "
+                                    "or samples-2.png etc. if taken: nothing is overwritten)")
     g.add_argument("--num-samples", type=int, metavar="N",
                    help=f"images to draw (default: 10 per class asked for, all classes of a "
                         f"conditional checkpoint, 100 without classes; {EVAL_DEFAULT_SAMPLES:,} "
@@ -122,7 +122,8 @@ def _how_to_sample(g) -> None:
                              "SAMPLER": "sampler for grids, --evaluate and --chain "
                                         "(interpolations decode deterministically: eta 0)",
                              "PRECISION": "sampling precision (auto = bf16 on CUDA)",
-                             "OUTPUT_DIR": "where --evaluate writes its JSON",
+                             "OUTPUT_DIR": "where pictures without --output and --evaluate's "
+                                           "JSON go",
                              "DATA_DIR": "where the checkpoint's dataset is (test images, "
                                          "evaluation)"})
 
@@ -242,7 +243,7 @@ def run(args) -> int:
     progress = not args.quiet and dist.is_main()
     jobs = [] if args.evaluate_npz and not args.checkpoint else \
         [job for job in JOBS if job.wanted(args)]
-    paths = picture_paths(args, jobs) if jobs else {}
+    paths = picture_paths(args, jobs, out_dir) if jobs else {}
     for folder in {p.parent for p in paths.values()}:
         check_writable(folder, "--output")
     if args.evaluate or args.evaluate_npz:  # their JSON goes to --output-dir

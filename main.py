@@ -87,7 +87,7 @@ def build_config(args) -> tuple[Config, dict | None]:
         return config, None
     config = Config.from_preset(args.preset, **requested).validate()
     if args.preset == "auto" and config.PRESET == "cpu":
-        print("no CUDA device here: using --preset cpu (a 0.26M-parameter model that draws "
+        print("no CUDA device on this machine: using --preset cpu (a 0.26M-parameter model that draws "
               "images in 15 minutes"
               + ((" and learns their classes: generate.py --digit 7 draws 7s"
                   if config.DATASET == "mnist" else " and learns their classes: generate.py "

@@ -414,10 +414,11 @@ JOBS = (
 )
 
 
-def picture_paths(args, jobs) -> dict[str, Path]:
+def picture_paths(args, jobs, folder: Path = DEFAULT_OUTPUT.parent) -> dict[str, Path]:
     """Where each job's picture goes. One picture asked for: --output is its path.
     Several: --output is the first's and the others take its name plus their suffix. No
-    --output: outputs/samples*.png, numbered so that no existing file is overwritten."""
+    --output: folder/samples*.png (--output-dir; outputs/ by default), numbered so that no
+    existing file is overwritten."""
     def suffix(job) -> str:
         values = {"interpolation_real": args.interpolate_real,
                   "interpolation_digits": args.interpolate_digits}.get(job.name) or ()
@@ -441,13 +442,13 @@ def picture_paths(args, jobs) -> dict[str, Path]:
 
     if args.output:
         return named(Path(args.output))
-    check_writable(DEFAULT_OUTPUT.parent, "--output")
+    check_writable(folder, "--output-dir")
     for k in range(1, 100_000):
-        base = DEFAULT_OUTPUT if k == 1 else DEFAULT_OUTPUT.with_name(f"samples-{k}.png")
+        base = folder / (DEFAULT_OUTPUT.name if k == 1 else f"samples-{k}.png")
         paths = named(base)
         if claim(*paths.values()):  # all of them, atomically: no other process gets them
             return paths
-    raise ConfigError(f"{DEFAULT_OUTPUT.parent} holds too many pictures; name one with --output")
+    raise ConfigError(f"{folder} holds too many pictures; name one with --output")
 
 
 def format_sweep(results: list[dict]) -> str:

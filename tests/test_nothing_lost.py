@@ -310,3 +310,8 @@ def test_two_draws_started_together_never_share_a_picture_name(tmp_path, monkeyp
     written = sorted(p.name for p in (tmp_path / "outputs").iterdir())
     assert written == ["samples-2.png", "samples.png"]
     assert all(p.stat().st_size > 0 for p in (tmp_path / "outputs").iterdir())
+    # --output-dir names the folder of the pictures as of the JSON
+    assert generate.main(["--checkpoint", str(two_runs[0]), "--quiet", "--num-samples", "4",
+                          "--output-dir", "mine"]) == 0
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["samples.png"]
+    assert len(list((tmp_path / "outputs").iterdir())) == 2
