@@ -75,6 +75,10 @@ class Context:
     def guidances(self) -> list[float]:
         return self.args.guidance or [self.config.GUIDANCE]
 
+    @property
+    def guidances_text(self) -> str:
+        return ", ".join(f"{w:g}" for w in self.guidances)
+
     @functools.cached_property
     def draws(self) -> list[tuple[float, float | None]]:
         """(guidance, autoguidance) of each draw of a sweep: every --guidance with every
@@ -177,7 +181,7 @@ def evaluate_images(ctx: Context, images, labels, settings, seconds: float) -> d
 def job_guidance_strip(ctx: Context) -> list[Path]:
     classes = ctx.classes or []
     print(f"guidance strip: classes {format_classes(ctx.config, classes)} at W = "
-          f"{', '.join(f'{w:g}' for w in ctx.guidances)}")
+          f"{ctx.guidances_text}")
     settings = ctx.settings()
     guidance_strip(ctx.model, classes, ctx.guidances, seed=ctx.args.seed,
                    save_path=ctx.paths["guidance"], sampler=settings.sampler,
@@ -513,12 +517,12 @@ def describe(ctx: Context) -> None:
           f"with {settings.label} on {ctx.model.scheduler.betas.device} ({settings.precision})"
           + (", raw weights" if ctx.args.raw_weights else "")
           + (f"; classes {format_classes(config, ctx.classes)}, guidance "
-             f"{', '.join(f'{w:g}' for w in ctx.guidances)} (eps_u + W (eps_c - eps_u))"
+             f"{ctx.guidances_text} (eps_u + W (eps_c - eps_u))"
              + (f", rescaled {ctx.args.guidance_rescale:g}" if ctx.args.guidance_rescale else "")
              if ctx.classes else "")
           + (f"; {config.CLUSTERS} clusters of its images as classes (--clusters), each drawn "
-             f"in proportion to its size" + (f", guidance {', '.join(f'{w:g}' for w in ctx.guidances)}"
-                                             if ctx.guidances != [1.0] else "")
+             f"in proportion to its size"
+             + (f", guidance {ctx.guidances_text}" if ctx.guidances != [1.0] else "")
              if config.CLUSTERS else "")
           + _describe_autoguidance(ctx, settings))
 
