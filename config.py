@@ -103,7 +103,7 @@ class Config:
     PRECISION: Precision = "auto"  # training autocast dtype: auto = bf16 on cuda, fp32 on cpu
     CHANNELS_LAST: bool = False  # channels_last memory format for the UNet (GPU)
     COMPILE: bool = False  # torch.compile the UNet for training
-    THREADS: int = 0  # CPU threads for torch (0 = all cores)
+    THREADS: int = 0  # CPU threads for torch (0 = the cores no other program keeps busy: all on an idle machine)
     MAX_BAD_STEPS: int = 10  # stop after this many non-finite losses or gradients in a row
     LOG: LogBackend = "files"  # files: console, CSV and plots; tensorboard: those and event files in <run>/tb (tensorboard --logdir runs)
 

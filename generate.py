@@ -25,7 +25,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 
 from config import (Config, ConfigError, OneLineArgumentParser, add_config_arguments,
                     check_device, check_writable, config_overrides, interval_problem)
@@ -37,6 +36,7 @@ from sampling.jobs import (DEFAULT_OUTPUT, EVAL_DEFAULT_SAMPLES, JOBS, Context,
                            refuse_without_classes, save_editing_scores)
 from sampling.settings import parse_classes
 from utils import distributed as dist
+from utils import machine
 from utils.errors import report_errors
 from utils.files import release_unwritten
 from utils.visualization import show
@@ -232,8 +232,9 @@ def run(args) -> int:
     overrides = config_overrides(args)
     device = overrides.get("DEVICE", Config().DEVICE)
     out_dir = Path(overrides.get("OUTPUT_DIR") or DEFAULT_OUTPUT.parent)
-    if overrides.get("THREADS"):  # e.g. two evaluations side by side, one thread each
-        torch.set_num_threads(overrides["THREADS"])
+    shared = machine.share_cpu(overrides.get("THREADS", 0), device)  # e.g. beside a training run
+    if shared and not args.quiet:
+        print(shared)
     if dist.launched():  # torchrun: the samples are split between the processes
         dist.init(device)
         device = dist.local_device(device)

@@ -22,6 +22,7 @@ def _threads() -> int:
 
 
 torch.set_num_threads(_threads())
+os.environ.setdefault("OMP_NUM_THREADS", str(_threads()))  # the scripts keep to it (utils/machine.py)
 
 
 def pytest_xdist_auto_num_workers(config):

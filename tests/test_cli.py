@@ -1,7 +1,9 @@
 """Layer 5: the two scripts as a user runs them, good input and bad."""
+import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from helpers import TINY_FLAGS as TINY
 from helpers import expect_one_line, run_script, start_script, tiny_config, train
 from training import trainer as trainer_module
 from utils import checkpoint as ckpt
+from utils import machine
 
 
 def run(script, *args, timeout=240):
@@ -191,6 +194,54 @@ def test_generate_threads_sets_the_cpu_thread_count(small_checkpoint, tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def busy_machine(monkeypatch):
+    """Two threads by default, and one of two cores busy with another program."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # conftest sets it for the suite
+    monkeypatch.setattr(machine, "idle_cores", lambda seconds=0.2: 1.0)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_generate_beside_another_program_takes_the_idle_cores_and_says_so(
+        busy_machine, small_checkpoint, tmp_path, capsys):
+    assert generate.main(["--checkpoint", str(small_checkpoint), "--device", "cpu",
+                          "--num-samples", "2", "--output", str(tmp_path / "g.png")]) == 0
+    assert torch.get_num_threads() == 1
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("1.0 of ") and "1 thread instead of 2" in first and "--threads" in first
+
+
+def test_training_beside_another_program_takes_the_idle_cores_and_says_so(busy_machine, tmp_path):
+    lines = []
+    trainer_module.Trainer(tiny_config(tmp_path), log=lines.append, progress=False)
+    assert torch.get_num_threads() == 1
+    assert any("1 thread instead of 2" in line for line in lines), lines
+
+
+def test_the_thread_count_falls_only_when_cores_are_busy_and_nothing_chose_it(
+        busy_machine, monkeypatch):
+    assert machine.share_cpu(2) is None and torch.get_num_threads() == 2  # --threads 2: as asked
+    assert machine.share_cpu(0, "cuda") is None and torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert machine.share_cpu() is None and torch.get_num_threads() == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(machine, "idle_cores", lambda seconds=0.2: 1.8)  # an idle machine
+    assert machine.share_cpu() is None and torch.get_num_threads() == 2
+    monkeypatch.setattr(machine, "idle_cores", lambda seconds=0.2: 0.0)  # every core busy
+    assert "1 thread" in machine.share_cpu() and torch.get_num_threads() == 1
+
+
+def test_idle_cores_is_a_count_of_this_machines_cores():
+    idle = machine.idle_cores(0.05)
+    if not Path("/proc/stat").is_file():
+        assert idle is None
+    else:
+        assert 0 <= idle <= os.cpu_count()
 
 
 def test_missing_data_names_the_files_and_folder(capsys, tmp_path):

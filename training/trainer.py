@@ -108,8 +108,9 @@ class Trainer:
 
         allocator.tune()  # big temporaries at every step: keep them off mmap (utils/allocator.py)
         self.device = torch.device(dist.local_device(config.DEVICE))
-        if config.THREADS:
-            torch.set_num_threads(config.THREADS)
+        shared = machine.share_cpu(config.THREADS, self.device)  # e.g. beside another run
+        if shared:
+            self.log(shared)
         self.cluster_ids = self._clusters(resume)  # the images' clusters (--clusters), or None
         seed_everything(config.SEED)
         self.precision = resolve_precision(config.PRECISION, config.DEVICE)
