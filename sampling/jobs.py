@@ -85,6 +85,16 @@ class Context:
         --autoguidance (None: the checkpoint's)."""
         return [(w, a) for w in self.guidances for a in (self.args.autoguidance or [None])]
 
+    def draw_picture(self, autoguidance: float) -> Path:
+        """Where a draw's grid goes: the grid's path when there is one draw; with several
+        --autoguidance values, one picture each beside it, named by its value
+        (samples_ag1.25.png), never overwriting a file. (Several --guidance values draw one
+        strip instead of grids.)"""
+        path = self.paths["grid"]
+        if len(self.draws) == 1:
+            return path
+        return unused(path.with_name(f"{path.stem}_ag{autoguidance:g}{path.suffix}"))
+
     def settings(self, guidance: float | None = None, **changes):
         args, given = self.args, config_overrides(self.args)
         options = dict(sampler=given.get("SAMPLER"), steps=args.steps, eta=given.get("ETA"),
@@ -125,7 +135,7 @@ def job_samples(ctx: Context) -> list[Path]:
         if "grid" in ctx.paths:
             shown, nrow = arrange(images, ctx.classes)
             written.append(save_grid(shown, nrow, row_labels(ctx.config, ctx.classes),
-                                     ctx.paths["grid"]))
+                                     ctx.draw_picture(autoguidance)))
         labels = labels_for(ctx.classes, count)
         if args.save_npz:
             replaced = Path(args.save_npz).exists()

@@ -124,6 +124,10 @@ def test_the_command_line(tiny, tmp_path, capsys):
         "--checkpoint", latest, "--autoguidance", "2", "--guide", weak, "--guidance-interval",
         "0.1", "5", "--output", tmp_path / "b.png", "--quiet", "--num-samples", "4"]))) == 0
     assert f"guide: {weak}" in capsys.readouterr().out
+    folder = tmp_path / "sweep"  # several values: a picture each, none drawn over another
+    assert generate.main(list(map(str, ["--checkpoint", latest, "--autoguidance", "1", "1.5",
+                                        "--output-dir", folder, "--quiet", "--num-samples", "4"]))) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["samples_ag1.5.png", "samples_ag1.png"]
     line = expect_one_line(capsys, generate.main, ["--checkpoint", weak, "--autoguidance", "2",
                                                    "--output", tmp_path / "c.png", "--quiet"])
     assert "needs a guide" in line and "--guide" in line
