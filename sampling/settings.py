@@ -220,9 +220,10 @@ def row_labels(config: Config, classes: list[int] | None) -> list[str] | None:
 
 
 def format_classes(config: Config, classes: list[int]) -> str:
-    """'0-9' for all of a dataset's classes in order, else their names."""
+    """'0-9' for all of MNIST's digits in order, 'all 10' for all of another dataset's classes,
+    else their names."""
     if classes == list(range(config.num_classes)):
-        return f"0-{config.num_classes - 1}" if config.DATASET == "mnist" else "all classes"
+        return f"0-{config.num_classes - 1}" if config.DATASET == "mnist" else f"all {config.num_classes}"
     return ", ".join(config.class_names[c] for c in classes)
 
 

@@ -73,6 +73,14 @@ def test_fashion_mnist_trains_and_draws_by_class_name_offline(tmp_path, capsys):
     assert line.startswith("generate.py: error: --class Sandals")  # the flag as typed
 
 
+def test_the_sampling_line_names_all_classes_by_their_count():
+    from sampling.settings import format_classes
+    fashion = Config(DATASET="fashion-mnist", CONDITIONAL=True)
+    assert format_classes(fashion, list(range(10))) == "all 10"  # not "classes all classes"
+    assert format_classes(fashion, [7, 8]) == "Sneaker, Bag"
+    assert format_classes(Config(CONDITIONAL=True), list(range(10))) == "0-9"
+
+
 def _write_folder(root: Path, classes: dict, size: int = 12, colour: bool = False,
                   per_class: int = 12) -> Path:
     """A small labelled dataset: each class a different bright square position."""
