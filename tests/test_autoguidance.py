@@ -145,8 +145,9 @@ def test_the_command_line(tiny, tmp_path, capsys):
 def test_every_run_keeps_a_guide_and_models_without_classes_use_it():
     """The measured default (docs/sampling.md#autoguidance): every run keeps its EMA at 1/8
     of the budget; the CPU preset samples a model with classes (the dataset's, or clusters
-    of its images, --no-conditional's default) with A = 1.25, one without either with A = 2
-    inside the interval; explicit values win."""
+    of its images, --no-conditional's default) with A = 1.25 (Fashion-MNIST with its labels:
+    1.5 inside the interval), one without either with A = 2 inside the interval; explicit
+    values win."""
     from config import Config
 
     assert Config().GUIDE_AT == Config.from_preset("cpu").GUIDE_AT == 0.125
@@ -160,6 +161,11 @@ def test_every_run_keeps_a_guide_and_models_without_classes_use_it():
     assert Config.from_preset("cpu", CONDITIONAL=False, CLUSTERS=0,
                               AUTOGUIDANCE=1.0).AUTOGUIDANCE == 1.0
     assert Config.from_preset("none").AUTOGUIDANCE == 1.0  # not measured on the GPU model
+    fashion = Config.from_preset("cpu", DATASET="fashion-mnist")  # its own best, measured
+    assert (fashion.AUTOGUIDANCE, fashion.GUIDANCE_INTERVAL) == (1.5, (0.28, 5.42))
+    assert Config.from_preset("cpu", DATASET="fashion-mnist", AUTOGUIDANCE=1.0).AUTOGUIDANCE == 1.0
+    fashion_clusters = Config.from_preset("cpu", DATASET="fashion-mnist", CONDITIONAL=False)
+    assert (fashion_clusters.AUTOGUIDANCE, fashion_clusters.GUIDANCE_INTERVAL) == (1.25, ())
 
 
 def test_a_recorded_guidance_interval_is_the_default_and_the_flag_wins():
