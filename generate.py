@@ -25,7 +25,6 @@ import os
 import sys
 from pathlib import Path
 
-
 from config import (Config, ConfigError, OneLineArgumentParser, add_config_arguments,
                     check_device, check_writable, config_overrides, interval_problem)
 from sampling.api import (generate_class_interpolation, generate_images, generate_interpolation,

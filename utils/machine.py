@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from utils import distributed as dist
+
 
 def cpu_name() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what the platform reports."""
@@ -72,7 +74,7 @@ def share_cpu(threads: int = 0, device="cpu") -> str | None:
         return None
     current = torch.get_num_threads()
     if (torch.device(device).type != "cpu" or current <= 1 or "OMP_NUM_THREADS" in os.environ
-            or int(os.environ.get("WORLD_SIZE", "1")) > 1):  # torchrun's processes share on their own
+            or dist.launched()):  # torchrun's processes share the cores on their own
         return None
     idle = idle_cores()
     if idle is None or round(idle) >= current:
