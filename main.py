@@ -87,7 +87,7 @@ def build_config(args) -> tuple[Config, dict | None]:
         return config, None
     config = Config.from_preset(args.preset, **requested).validate()
     if args.preset == "auto" and config.PRESET == "cpu":
-        print("no CUDA device on this machine: using --preset cpu (a 0.26M-parameter model that draws "
+        print("no CUDA device on this machine: using --preset cpu (a small UNet that draws "
               "images in 15 minutes"
               + ((" and learns their classes: generate.py --digit 7 draws 7s"
                   if config.DATASET == "mnist" else " and learns their classes: generate.py "
@@ -95,8 +95,9 @@ def build_config(args) -> tuple[Config, dict | None]:
                  f" and, without the labels, learns {config.CLUSTERS} k-means clusters of the "
                  f"images as its classes (--clusters 0: none)" if config.CLUSTERS else "")
               + f"); {config.MODEL_CHANNELS} channels" + (
-                  " for this budget: a wider model makes a third of the steps on 2 cores and "
-                  "lost at equal time (docs/training.md, model size)"
+                  " for this budget: wider models make a half to a third of the steps on 2 "
+                  "cores and lost at 15 and at 60 minutes "
+                  "(docs/training.md#model-size-for-the-budget)"
                   if "MODEL_CHANNELS" not in requested else " as asked")
               + "; --preset none trains the default model")
     return config, None

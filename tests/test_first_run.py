@@ -3,6 +3,8 @@ rule everywhere, the plan names what lies outside the budget, and Ctrl-C before 
 is one line."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,23 @@ def test_help_groups_the_flags_and_shows_this_machines_defaults(capsys):
     if not torch.cuda.is_available():  # the CPU preset is what runs here
         assert "32 on this machine (--preset cpu); 128 with --preset none" in \
             " ".join(common.split())
+
+
+def test_the_cpu_preset_says_why_it_keeps_its_width(capsys):
+    """The first line names the width the budget chose and the docs' section that measured
+    it; a width asked for is said to be asked for (and no parameter count of another model)."""
+    if torch.cuda.is_available():
+        pytest.skip("--preset auto is the CPU preset only on a machine without CUDA")
+    parser = main.build_parser()
+    main.build_config(parser.parse_args(["--max-minutes", "60"]))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "16 channels for this budget" in first and "lost at 15 and at 60 minutes" in first
+    section = first.split("docs/training.md#")[1].split(")")[0]
+    training = (Path(main.__file__).parent / "docs" / "training.md").read_text()
+    assert f"## {section.replace('-', ' ').capitalize()}" in training
+    main.build_config(parser.parse_args(["--model-channels", "24"]))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "24 channels as asked" in first and "0.26M" not in first
 
 
 def test_one_picture_rule_everywhere(tiny):
