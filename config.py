@@ -39,6 +39,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 Preset = Literal["none", "cpu"]
 Spacing = Literal["auto", "time", "quadratic", "logsnr", "trailing", "trailing-v1", "tuned"]
 DistillMethod = Literal["progressive", "consistency", "ect"]
+TeacherSolver = Literal["ddim", "dpm-solver"]
 MIN_EVAL_SAMPLES = 10  # fewer cannot estimate a covariance or a k-NN radius (k = 3)
 DatasetName = Literal[DATASETS]
 LogBackend = Literal["files", "tensorboard"]
@@ -133,6 +134,8 @@ class Config:
     DISTILL_METHOD: DistillMethod = "progressive"  # progressive (Salimans & Ho 2022), consistency (Song et al. 2023) or ect, easy consistency tuning (Geng et al. 2024)
     STUDENT_STEPS: int = 4  # network evaluations per image of the distilled student
     TEACHER_STEPS: int = 16  # the teacher's deterministic (DDIM) steps the distillation starts from (not used by ect)
+    DISTILL_ROUNDS: int = 0  # rounds of progressive distillation, each dividing the steps by the same power of 2 (0 = one per halving, Salimans & Ho; 1 = the student copies all the teacher's steps at once)
+    TEACHER_SOLVER: TeacherSolver = "ddim"  # the first round's teacher path: ddim, or dpm-solver (DPM-Solver++(2M) within each student step: a more accurate path)
     TEACHER_GUIDANCE: float = 1.0  # the guidance W of the teacher's outputs a student learned (baked in: it samples at --guidance 1)
 
     # --- provenance ---
@@ -313,13 +316,26 @@ class Config:
                               f"({self.TEACHER_STEPS}) need 1 <= student <= teacher <= "
                               f"--timesteps ({self.TIMESTEPS})")
         ratio = self.TEACHER_STEPS // self.STUDENT_STEPS
-        if self.DISTILL_METHOD == "progressive" and (
-                ratio < 2 or ratio * self.STUDENT_STEPS != self.TEACHER_STEPS
-                or ratio & (ratio - 1)):
+        if self.DISTILL_METHOD != "progressive":
+            for name, value, default in (("DISTILL_ROUNDS", self.DISTILL_ROUNDS, 0),
+                                         ("TEACHER_SOLVER", self.TEACHER_SOLVER, "ddim")):
+                if value != default:
+                    raise ConfigError(f"{flag_for(name)} {value} is a setting of progressive "
+                                      f"distillation, not of --distill-method "
+                                      f"{self.DISTILL_METHOD}")
+            return
+        if ratio < 2 or ratio * self.STUDENT_STEPS != self.TEACHER_STEPS or ratio & (ratio - 1):
             raise ConfigError(f"progressive distillation halves the steps each round: "
                               f"--teacher-steps ({self.TEACHER_STEPS}) must be --student-steps "
                               f"({self.STUDENT_STEPS}) times a power of 2 (2, 4, 8, ...), "
                               f"e.g. --teacher-steps {2 * self.STUDENT_STEPS}")
+        halvings = ratio.bit_length() - 1
+        if self.DISTILL_ROUNDS < 0 or (self.DISTILL_ROUNDS and halvings % self.DISTILL_ROUNDS):
+            choices = ", ".join(str(k) for k in range(1, halvings + 1) if halvings % k == 0)
+            raise ConfigError(f"--distill-rounds {self.DISTILL_ROUNDS}: from --teacher-steps "
+                              f"{self.TEACHER_STEPS} to --student-steps {self.STUDENT_STEPS} the "
+                              f"steps halve {halvings} time(s), which every round must share "
+                              f"equally: give {choices} (or 0: one round per halving)")
 
     def _check_model(self) -> None:
         """The UNet's shape against the image's, the closed sets, the device."""

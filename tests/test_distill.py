@@ -21,7 +21,7 @@ from models.diffusion import DiffusionModel
 from sampling import pretrained
 from sampling.settings import resolve
 from training.distill import (ECT_P_MEAN, ECT_P_STD, ECT_STAGES, Distiller, distillation_config,
-                              ect_partner, round_starts)
+                              ect_partner, progressive_rounds, round_starts)
 from utils import checkpoint as ckpt
 from utils.noise_scheduler import NoiseScheduler
 from utils.seeding import PerSampleNoise
@@ -130,6 +130,44 @@ def test_distillation_resumes_exactly(teacher, tmp_path, method):
     assert straight.round_start == (4 if method == "progressive" else 0)
 
 
+@pytest.mark.parametrize("solver", ["ddim", "dpm-solver"])
+def test_a_round_teaches_the_teachers_own_sampler(teacher, tmp_path, solver):
+    """One round from 16 steps to 1 (--distill-rounds 1): the student's target is where the
+    teacher's own sampler lands over the whole 16-step trailing grid, DDIM or (with
+    --teacher-solver dpm-solver) DPM-Solver++(2M), per image as in the sampler."""
+    config = distillation_config(teacher, dict(
+        TEACHER_STEPS=16, STUDENT_STEPS=1, DISTILL_ROUNDS=1, TEACHER_SOLVER=solver,
+        MAX_STEPS=1, CHECKPOINT_DIR=str(tmp_path / "s"), OUTPUT_DIR=str(tmp_path / "s")))
+    distiller = Distiller(config, progress=False, log=quiet)
+    assert (distiller.rounds, distiller.factor, distiller.student_steps()) == (1, 16, 1)
+    model = distiller.teacher
+    labels = torch.arange(6) % 10
+    x = PerSampleNoise(3, range(6), model.image_shape, "cpu").initial()
+    grid = samplers.timestep_sequence(model.timesteps, 16, "trailing") + [-1]
+    path = [torch.full((6,), t) for t in grid]
+    with torch.no_grad():
+        ours = distiller._teacher_path(x, path, labels)
+    denoiser = model.denoiser("fp32", labels)
+    sampler = (samplers.sample_ddim if solver == "ddim" else samplers.sample_dpm_solver)
+    theirs = sampler(denoiser, model.scheduler, x, 16, prediction=model.prediction,
+                     clip_x0=model.clip_x0, spacing="trailing")
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    if solver == "dpm-solver":  # and it is not DDIM's path
+        ddim = samplers.sample_ddim(denoiser, model.scheduler, x, 16, prediction=model.prediction,
+                                    clip_x0=model.clip_x0, spacing="trailing")
+        assert (ours - ddim).abs().max() > 1e-2
+
+
+def test_rounds_divide_the_steps_equally():
+    """--distill-rounds R splits the halvings from teacher to student steps into R rounds."""
+    def rounds(**settings):
+        return progressive_rounds(Config(DISTILL="x", **settings).validate())
+    assert rounds(TEACHER_STEPS=16, STUDENT_STEPS=4) == (2, 2)  # Salimans & Ho: 16 -> 8 -> 4
+    assert rounds(TEACHER_STEPS=16, STUDENT_STEPS=4, DISTILL_ROUNDS=1) == (1, 4)  # 16 -> 4
+    assert rounds(TEACHER_STEPS=16, STUDENT_STEPS=1, DISTILL_ROUNDS=2) == (2, 4)  # 16 -> 4 -> 1
+    assert rounds(DISTILL_METHOD="ect", STUDENT_STEPS=2) == (1, 1)
+
+
 def test_later_rounds_get_more_of_the_budget():
     """Round k of R gets k / (1 + ... + R): 64 -> 4 in four rounds of 10, 20, 30, 40%."""
     assert round_starts(4) == pytest.approx([0.0, 0.1, 0.3, 0.6])
@@ -222,6 +260,11 @@ def test_bad_distillation_requests_are_one_line(teacher, tmp_path, capsys):
          "--student-steps (1001) must lie in 1 .. --timesteps (1000)"),
         (["--distill", str(teacher), "--distill-method", "ect", "--guidance", "2"],
          "ect trains on the data"),
+        (["--distill", str(teacher), "--teacher-steps", "64", "--distill-rounds", "3"],
+         "--distill-rounds 3: from --teacher-steps 64 to --student-steps 4 the steps halve 4 "
+         "time(s), which every round must share equally: give 1, 2, 4 (or 0"),
+        (["--distill", str(teacher), "--distill-method", "ect", "--teacher-solver", "dpm-solver"],
+         "--teacher-solver dpm-solver is a setting of progressive distillation"),
     ]
     for argv, message in cases:
         line = expect_one_line(capsys, main.main, [*argv, "--quiet", "--checkpoint-dir",

@@ -66,7 +66,8 @@ DISTILL_DEFAULTS = dict(MAX_MINUTES=15.0, LEARNING_RATE=1e-3, LR_WARMUP_STEPS=0,
                         MAX_STEPS=0, CHECKPOINT_DIR="", OUTPUT_DIR="", TIMESTEP_SAMPLING="uniform",
                         GUIDE_AT=0.0, AUTOGUIDANCE=1.0)
 # Settings of the distillation itself (beside run control) that the flags may set.
-DISTILL_FIELDS = {"DISTILL", "DISTILL_METHOD", "STUDENT_STEPS", "TEACHER_STEPS", "LEARNING_RATE",
+DISTILL_FIELDS = {"DISTILL", "DISTILL_METHOD", "STUDENT_STEPS", "TEACHER_STEPS", "DISTILL_ROUNDS",
+                  "TEACHER_SOLVER", "LEARNING_RATE",
                   "LR_WARMUP_STEPS", "LR_SCHEDULE", "LR_FLOOR", "EMA_RULE", "EMA_DECAY",
                   "EMA_STD", "EMA_WARMUP", "BATCH_SIZE", "GRAD_CLIP", "WEIGHT_DECAY", "SEED",
                   "TRAIN_SIZE", "PRECISION", "CHANNELS_LAST"}
@@ -94,6 +95,18 @@ def round_starts(rounds: int) -> list[float]:
     10%, 20%, 30%, 40%; six (64 -> 1): 5% for 64 -> 32, 29% for 2 -> 1."""
     total = rounds * (rounds + 1) / 2
     return [k * (k + 1) / 2 / total for k in range(rounds)]
+
+
+def progressive_rounds(config: Config) -> tuple[int, int]:
+    """(rounds, factor): progressive distillation's rounds, each dividing the steps by
+    `factor`, from TEACHER_STEPS to STUDENT_STEPS; DISTILL_ROUNDS 0 is one round per
+    halving (Salimans & Ho), 1 a single round whose student step copies all the teacher's
+    steps it spans. Other methods: one round, factor 1."""
+    if config.DISTILL_METHOD != "progressive":
+        return 1, 1
+    halvings = (config.TEACHER_STEPS // config.STUDENT_STEPS).bit_length() - 1
+    rounds = config.DISTILL_ROUNDS or halvings
+    return rounds, 2 ** (halvings // rounds)
 
 
 def ect_partner(scheduler: NoiseScheduler, t: torch.Tensor, stage: int) -> torch.Tensor:
@@ -176,8 +189,7 @@ class Distiller(Trainer):
             self.model.load_state_dict(source["ema"])
             self.ema.load_state_dict(source["ema"])
             self.round, self.round_start = 0, 0
-        self.rounds = (int(math.log2(config.TEACHER_STEPS // config.STUDENT_STEPS))
-                       if config.DISTILL_METHOD == "progressive" else 1)
+        self.rounds, self.factor = progressive_rounds(config)
         # the grid the student samples on (trailing-v1: a run begun before trailing was Lin et al.'s)
         self.grid = "trailing-v1" if config.SPACING == "trailing-v1" else "trailing"
 
@@ -190,7 +202,7 @@ class Distiller(Trainer):
         cfg = self.config
         if cfg.DISTILL_METHOD != "progressive":
             return cfg.STUDENT_STEPS
-        return cfg.TEACHER_STEPS >> (self.round + 1)
+        return cfg.TEACHER_STEPS // self.factor ** (self.round + 1)
 
     def teacher_guidance(self) -> float:
         """The guidance of the teacher's outputs: TEACHER_GUIDANCE in the first round; the
@@ -240,12 +252,16 @@ class Distiller(Trainer):
         cfg = self.config
         steps = cfg.STUDENT_STEPS
         if cfg.DISTILL_METHOD == "progressive":
-            chain = " -> ".join(str(cfg.TEACHER_STEPS >> k) for k in range(self.rounds + 1))
+            chain = " -> ".join(str(cfg.TEACHER_STEPS // self.factor ** k)
+                                for k in range(self.rounds + 1))
             starts = round_starts(self.rounds) + [1.0]
             shares = ", ".join(f"{b - a:.0%}" for a, b in zip(starts, starts[1:]))
+            solver = ("DPM-Solver++(2M)" if cfg.TEACHER_SOLVER == "dpm-solver" else "DDIM")
             text = (f"distillation: progressive (Salimans & Ho 2022), {chain} steps in "
                     f"{self.rounds} round(s) of {shares} of the budget (the later, harder "
-                    f"rounds longer); the student samples with DDIM on the trailing grid")
+                    f"rounds longer), a student step copying {self.factor} of its teacher's "
+                    f"(the first round's by {solver}); the student samples with DDIM on the "
+                    f"trailing grid")
             if cfg.LR_SCHEDULE != "constant":
                 text += (f"; the learning rate decays ({cfg.LR_SCHEDULE}) to {cfg.LR_FLOOR:g} "
                          f"of its peak in each round")
@@ -275,12 +291,12 @@ class Distiller(Trainer):
         self._next_round_if_due()
         size = x0.shape[0]
         progressive = cfg.DISTILL_METHOD == "progressive"
-        # progressive: the teacher's grid of the round, two of its steps per student step;
-        # consistency: adjacent points of the teacher's whole grid
-        points = 2 * self.student_steps() if progressive else cfg.TEACHER_STEPS
+        # progressive: the teacher's grid of the round, `factor` of its steps per student
+        # step; consistency: adjacent points of the teacher's whole grid
+        jump = self.factor if progressive else 1
+        points = jump * self.student_steps() if progressive else cfg.TEACHER_STEPS
         grid = torch.tensor(samplers.timestep_sequence(self.model.timesteps, points, self.grid)
                             + [-1], device=self.device)
-        jump = 2 if progressive else 1
         index = jump * torch.randint(0, (len(grid) - 1) // jump, (size,), device=self.device,
                                      generator=self.generator)
         noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
@@ -289,7 +305,8 @@ class Distiller(Trainer):
         labels = None if labels is None or not cfg.num_classes else labels[part]
         t = grid[index]
         if progressive:
-            per_image = self._progressive(x0, t, grid[index + 1], grid[index + 2], noise, labels)
+            path = [grid[index + j] for j in range(jump + 1)]
+            per_image = self._progressive(x0, path, noise, labels)
         else:
             per_image = self._consistency(x0, t, grid[index + 1], noise, labels)
         return per_image, t
@@ -297,13 +314,41 @@ class Distiller(Trainer):
     def _teacher_ddim(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
                       labels) -> torch.Tensor:
         """One deterministic DDIM step of the teacher, per-image timesteps; t_next = -1 is
-        the clean data (the teacher's x0)."""
+        the clean data (the teacher's x0). -> (x at t_next, the teacher's x0 at t)."""
         teacher = self.teacher
         out = teacher.denoiser(self.precision, labels, self.teacher_guidance())(x, t).float()
         x0, eps = teacher.scheduler.split_model_output(x, t, out, teacher.prediction,
                                                        teacher.clip_x0)
         a_next = extract(teacher.scheduler.alphas_cumprod_padded, t_next + 1, x.shape)
-        return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps, x0
+
+    def _teacher_path(self, x: torch.Tensor, path: list[torch.Tensor], labels) -> torch.Tensor:
+        """The teacher's deterministic solve of x from the timesteps path[0] through each of
+        path[1:] (per image; -1 is the clean data). DDIM; with TEACHER_SOLVER dpm-solver in
+        the first round, DPM-Solver++(2M) (models/samplers.py's update, per image), its
+        history starting afresh at path[0]: DDIM's first-order step, then second order,
+        and x0 itself at the clean data (as the sampler's last step)."""
+        second_order = self.config.TEACHER_SOLVER == "dpm-solver" and self.round == 0
+        scheduler = self.teacher.scheduler
+        previous = None  # the last sub-step's x0 and step size in lambda
+        for t, t_next in zip(path, path[1:]):
+            step, x0 = self._teacher_ddim(x, t, t_next, labels)
+            if second_order:
+                inside = t_next >= 0
+                # lambda = log(alpha / sigma) = -log_sigmas; finite only inside
+                h = (scheduler.log_sigmas.gather(0, t)
+                     - scheduler.log_sigmas.gather(0, t_next.clamp(min=0)))
+                if previous is not None:
+                    x0_prev, h_prev = previous
+                    a_next = extract(scheduler.alphas_cumprod_padded, t_next + 1, x.shape)
+                    h_, h_prev_ = h.reshape(-1, 1, 1, 1), h_prev.reshape(-1, 1, 1, 1)
+                    # D = x0 + (x0 - x0_prev) / (2r), r = h_prev / h, on top of DDIM's step
+                    correction = (-a_next.sqrt() * torch.expm1(-h_) * h_ / (2 * h_prev_)
+                                  * (x0 - x0_prev))
+                    step = step + torch.where(inside.reshape(-1, 1, 1, 1), correction, 0.0)
+                previous = (x0, h)
+            x = step
+        return x
 
     def _student_x0(self, x0, t, noise, labels, grad: bool = True):
         """The student's x0 prediction at x_t = q(x_t | x0, noise), through the DDP wrapper
@@ -316,12 +361,12 @@ class Distiller(Trainer):
         return scheduler.split_model_output(xt, t, output.float(), self.model.prediction,
                                             clip_x0=False)[0]
 
-    def _progressive(self, x0, t, t_mid, t_end, noise, labels) -> torch.Tensor:
+    def _progressive(self, x0, path, noise, labels) -> torch.Tensor:
         scheduler = self.model.scheduler
+        t, t_end = path[0], path[-1]
         z_t, _ = scheduler.add_noise(x0, t, noise)
         with torch.no_grad():
-            z_end = self._teacher_ddim(self._teacher_ddim(z_t, t, t_mid, labels), t_mid, t_end,
-                                       labels)
+            z_end = self._teacher_path(z_t, path, labels)
             a_t = extract(scheduler.alphas_cumprod_padded, t + 1, x0.shape)
             a_end = extract(scheduler.alphas_cumprod_padded, t_end + 1, x0.shape)
             ratio = ((1 - a_end) / (1 - a_t)).sqrt()  # sigma_end / sigma_t
@@ -334,7 +379,7 @@ class Distiller(Trainer):
         scheduler = self.model.scheduler
         x_t, _ = scheduler.add_noise(x0, t, noise)
         with torch.no_grad():
-            x_next = self._teacher_ddim(x_t, t, t_next, labels)
+            x_next, _ = self._teacher_ddim(x_t, t, t_next, labels)
             clean = t_next < 0
             target = x_next.clone()
             if (~clean).any():  # the target network's x0 prediction at the next point
@@ -392,8 +437,10 @@ class Distiller(Trainer):
         """A training step, plus the forward passes without gradients, each about a third
         of a step: the teacher's two (consistency: the teacher's and the student's own),
         ect's one (the target)."""
-        extra = 1 if self.config.DISTILL_METHOD == "ect" else 2
+        method = self.config.DISTILL_METHOD
+        extra = {"ect": 1, "consistency": 2}.get(method) or progressive_rounds(self.config)[1]
         return super().estimate_step_seconds(repeats) * (1 + extra / 3)
 
 
-__all__ = ["Distiller", "distillation_config", "student_sampling", "round_starts", "ect_partner"]
+__all__ = ["Distiller", "distillation_config", "student_sampling", "round_starts", "ect_partner",
+           "progressive_rounds"]
