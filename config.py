@@ -133,9 +133,9 @@ class Config:
     DISTILL: str = ""  # a trained checkpoint (or pretrained) to distil into a student that samples in STUDENT_STEPS steps ('' = train on data)
     DISTILL_METHOD: DistillMethod = "progressive"  # progressive (Salimans & Ho 2022), consistency (Song et al. 2023) or ect, easy consistency tuning (Geng et al. 2024)
     STUDENT_STEPS: int = 4  # network evaluations per image of the distilled student
-    TEACHER_STEPS: int = 16  # the teacher's deterministic (DDIM) steps the distillation starts from (not used by ect)
-    DISTILL_ROUNDS: int = 0  # rounds of progressive distillation, each dividing the steps by the same power of 2 (0 = one per halving, Salimans & Ho; 1 = the student copies all the teacher's steps at once)
-    TEACHER_SOLVER: TeacherSolver = "ddim"  # the first round's teacher path: ddim, or dpm-solver (DPM-Solver++(2M) within each student step: a more accurate path)
+    TEACHER_STEPS: int = 16  # the teacher's deterministic steps (on the trailing grid, by --teacher-solver) the distillation starts from (not used by ect)
+    DISTILL_ROUNDS: int = 0  # rounds of progressive distillation, each dividing the steps by the same power of 2 (0 = the fewest in which a student step spans at most 4 teacher steps: 16 -> 4 in one, 16 -> 4 -> 1 in two; Salimans & Ho halve in each)
+    TEACHER_SOLVER: TeacherSolver = "dpm-solver"  # the first round's teacher path: dpm-solver (DPM-Solver++(2M) within each student step, the more accurate) or ddim (Salimans & Ho's)
     TEACHER_GUIDANCE: float = 1.0  # the guidance W of the teacher's outputs a student learned (baked in: it samples at --guidance 1)
 
     # --- provenance ---
@@ -201,6 +201,11 @@ class Config:
         kept = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
         if kept.get("DATA_DIR") == "./data":
             kept["DATA_DIR"] = ""
+        if kept.get("DISTILL") and "TEACHER_SOLVER" not in kept:
+            # distilled before rounds and solver were settings: halving rounds, DDIM's path
+            ratio = max(1, kept.get("TEACHER_STEPS", 16) // max(1, kept.get("STUDENT_STEPS", 4)))
+            kept.update(TEACHER_SOLVER="ddim", DISTILL_ROUNDS=max(1, ratio.bit_length() - 1)
+                        if kept.get("DISTILL_METHOD", "progressive") == "progressive" else 0)
         if kept.get("DISTILL") and "TEACHER_GUIDANCE" not in kept:
             # a student saved before TEACHER_GUIDANCE was recorded: its GUIDANCE was baked
             # into its targets, and it was trained on the trailing grid of that time
@@ -318,7 +323,7 @@ class Config:
         ratio = self.TEACHER_STEPS // self.STUDENT_STEPS
         if self.DISTILL_METHOD != "progressive":
             for name, value, default in (("DISTILL_ROUNDS", self.DISTILL_ROUNDS, 0),
-                                         ("TEACHER_SOLVER", self.TEACHER_SOLVER, "ddim")):
+                                         ("TEACHER_SOLVER", self.TEACHER_SOLVER, "dpm-solver")):
                 if value != default:
                     raise ConfigError(f"{flag_for(name)} {value} is a setting of progressive "
                                       f"distillation, not of --distill-method "
@@ -335,7 +340,8 @@ class Config:
             raise ConfigError(f"--distill-rounds {self.DISTILL_ROUNDS}: from --teacher-steps "
                               f"{self.TEACHER_STEPS} to --student-steps {self.STUDENT_STEPS} the "
                               f"steps halve {halvings} time(s), which every round must share "
-                              f"equally: give {choices} (or 0: one round per halving)")
+                              f"equally: give {choices} (or 0: the fewest rounds in which a "
+                              f"student step spans at most 4 teacher steps)")
 
     def _check_model(self) -> None:
         """The UNet's shape against the image's, the closed sets, the device."""

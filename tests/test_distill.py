@@ -114,7 +114,7 @@ def test_distillation_resumes_exactly(teacher, tmp_path, method):
     """Across a round's end too (progressive 8 -> 2: two rounds, the second from step 4,
     a third of the budget in), and across ect's stages (a function of the budget used)."""
     settings = dict(DISTILL_METHOD=method, TEACHER_STEPS=8, STUDENT_STEPS=2, PRINT_EVERY=1,
-                    SAVE_EVERY=1000)
+                    SAVE_EVERY=1000, DISTILL_ROUNDS=2 if method == "progressive" else 0)
     straight = _distil(teacher, tmp_path / "a", MAX_STEPS=12, **settings)
     with pytest.raises(TrainingInterrupted):  # Ctrl-C during step 5
         _distil(teacher, tmp_path / "b", MAX_STEPS=12, stop_after=5, **settings)
@@ -162,9 +162,13 @@ def test_rounds_divide_the_steps_equally():
     """--distill-rounds R splits the halvings from teacher to student steps into R rounds."""
     def rounds(**settings):
         return progressive_rounds(Config(DISTILL="x", **settings).validate())
-    assert rounds(TEACHER_STEPS=16, STUDENT_STEPS=4) == (2, 2)  # Salimans & Ho: 16 -> 8 -> 4
-    assert rounds(TEACHER_STEPS=16, STUDENT_STEPS=4, DISTILL_ROUNDS=1) == (1, 4)  # 16 -> 4
-    assert rounds(TEACHER_STEPS=16, STUDENT_STEPS=1, DISTILL_ROUNDS=2) == (2, 4)  # 16 -> 4 -> 1
+    assert rounds(TEACHER_STEPS=16, STUDENT_STEPS=4, DISTILL_ROUNDS=2) == (2, 2)  # 16 -> 8 -> 4
+    assert rounds(TEACHER_STEPS=16, STUDENT_STEPS=1, DISTILL_ROUNDS=1) == (1, 16)  # 16 -> 1
+    # by default the fewest rounds of at most 4 teacher steps per student step
+    assert rounds(TEACHER_STEPS=16, STUDENT_STEPS=4) == (1, 4)  # 16 -> 4
+    assert rounds(TEACHER_STEPS=16, STUDENT_STEPS=2) == (3, 2)  # 16 -> 8 -> 4 -> 2
+    assert rounds(TEACHER_STEPS=16, STUDENT_STEPS=1) == (2, 4)  # 16 -> 4 -> 1
+    assert rounds(TEACHER_STEPS=64, STUDENT_STEPS=1) == (3, 4)  # 64 -> 16 -> 4 -> 1
     assert rounds(DISTILL_METHOD="ect", STUDENT_STEPS=2) == (1, 1)
 
 
@@ -181,7 +185,8 @@ def test_the_lr_schedule_runs_once_per_round(teacher, tmp_path):
     """8 -> 4 -> 2: rounds of a third and two thirds of the budget; a linear schedule decays
     to 0 at the end of each (Salimans & Ho), and a constant one stays at the peak."""
     config = distillation_config(teacher, dict(TEACHER_STEPS=8, STUDENT_STEPS=2, MAX_STEPS=30,
-                                               LR_SCHEDULE="linear", CHECKPOINT_DIR=str(tmp_path)))
+                                               DISTILL_ROUNDS=2, LR_SCHEDULE="linear",
+                                               CHECKPOINT_DIR=str(tmp_path)))
     distiller = Distiller(config, progress=False, log=quiet)
     peak = distiller.base_lr
     lrs = [distiller.lr_at(100, f) / peak for f in (0.0, 1 / 6, 1 / 3 - 1e-9, 1 / 3, 2 / 3, 1.0)]
@@ -263,8 +268,8 @@ def test_bad_distillation_requests_are_one_line(teacher, tmp_path, capsys):
         (["--distill", str(teacher), "--teacher-steps", "64", "--distill-rounds", "3"],
          "--distill-rounds 3: from --teacher-steps 64 to --student-steps 4 the steps halve 4 "
          "time(s), which every round must share equally: give 1, 2, 4 (or 0"),
-        (["--distill", str(teacher), "--distill-method", "ect", "--teacher-solver", "dpm-solver"],
-         "--teacher-solver dpm-solver is a setting of progressive distillation"),
+        (["--distill", str(teacher), "--distill-method", "ect", "--teacher-solver", "ddim"],
+         "--teacher-solver ddim is a setting of progressive distillation"),
     ]
     for argv, message in cases:
         line = expect_one_line(capsys, main.main, [*argv, "--quiet", "--checkpoint-dir",
@@ -277,7 +282,8 @@ def test_a_guided_teacher_is_guided_once(teacher, tmp_path):
     samples at guidance 1, and a later round's teacher (an earlier student) is not guided
     again."""
     guided = _teacher_copy(teacher, tmp_path / "guided.pt", GUIDANCE=3.0)
-    config = distillation_config(guided, dict(MAX_STEPS=4, TEACHER_STEPS=8, STUDENT_STEPS=2))
+    config = distillation_config(guided, dict(MAX_STEPS=4, TEACHER_STEPS=8, STUDENT_STEPS=2,
+                                              DISTILL_ROUNDS=2))
     assert (config.GUIDANCE, config.TEACHER_GUIDANCE) == (1.0, 3.0)
     asked = distillation_config(teacher, dict(MAX_STEPS=4, GUIDANCE=2.0))
     assert (asked.GUIDANCE, asked.TEACHER_GUIDANCE) == (1.0, 2.0)
@@ -312,6 +318,20 @@ def test_an_older_student_samples_as_it_was_trained():
     assert new.SPACING == "trailing" and new.TEACHER_GUIDANCE == 2.0
 
 
+def test_an_older_distillation_resumes_as_it_began():
+    """A run saved before --distill-rounds and --teacher-solver were settings halved the
+    steps in each round along DDIM's path: so it reads (16 -> 8 -> 4, DDIM), while a new
+    run by default copies 4 teacher steps per student step along DPM-Solver++(2M)'s."""
+    old = {**Config(DEVICE="cpu").to_dict(), "DISTILL": "runs/T/latest.pt",
+           "TEACHER_STEPS": 16, "STUDENT_STEPS": 4}
+    del old["DISTILL_ROUNDS"], old["TEACHER_SOLVER"]
+    config = Config.from_dict(old)
+    assert (config.DISTILL_ROUNDS, config.TEACHER_SOLVER) == (2, "ddim")
+    assert progressive_rounds(config) == (2, 2)
+    new = Config.from_dict(Config(DEVICE="cpu", DISTILL="runs/T/latest.pt").to_dict())
+    assert (progressive_rounds(new), new.TEACHER_SOLVER) == ((1, 4), "dpm-solver")
+
+
 def test_an_eps_teacher_is_refused_in_one_line(teacher, tmp_path, capsys):
     eps = _teacher_copy(teacher, tmp_path / "eps.pt", PREDICTION="eps")
     line = expect_one_line(capsys, main.main, ["--distill", eps, "--quiet", "--checkpoint-dir",
@@ -320,7 +340,8 @@ def test_an_eps_teacher_is_refused_in_one_line(teacher, tmp_path, capsys):
 
 
 def test_a_rounds_student_given_to_resume_says_what_to_do(teacher, tmp_path, capsys):
-    run = _distil(teacher, tmp_path, MAX_STEPS=3, TEACHER_STEPS=8, STUDENT_STEPS=2)
+    run = _distil(teacher, tmp_path, MAX_STEPS=3, TEACHER_STEPS=8, STUDENT_STEPS=2,
+                  DISTILL_ROUNDS=2)
     student = run.checkpoint_dir / "student_4steps.pt"
     line = expect_one_line(capsys, main.main, ["--resume", student, "--quiet"])
     assert "student of one round" in line and str(run.checkpoint_dir / ckpt.LATEST) in line

@@ -12,17 +12,19 @@ must predict v (or EDM's F): an eps student's x0 = (x_t - sigma eps) / alpha mul
 its errors by sigma / alpha, about 157 at t = 999 on the linear schedule, which Salimans
 & Ho (2022, sec. 4) found unusable for few steps; an eps teacher is refused.
 
-- progressive (Salimans & Ho 2022, Algorithm 2): rounds that halve the steps, from
-  TEACHER_STEPS down to STUDENT_STEPS; round k of R gets k / (1 + ... + R) of the budget
-  (`round_starts`: the last rounds, whose student steps span the most of the ODE, are the
-  hardest and train longest). Each round's student is kept beside the run's checkpoints
-  (student_16steps.pt, ...). In a round of S student steps on the trailing grid
-  t_k = T(1 - k/(2S)) - 1, one deterministic DDIM step of the student from t_2i to t_2i+2
-  is trained to land where two DDIM steps of the teacher land: the target x0 is the one
-  that DDIM maps z_t onto the teacher's z_t'' (the paper's x-space target x~), and the
-  loss is its squared error weighted by max(SNR, 1) ("truncated SNR"), on the student's
-  own parameterisation (v). At the end of a round the student becomes the teacher. The
-  student samples with DDIM (eta 0, trailing).
+- progressive (Salimans & Ho 2022, Algorithm 2): rounds that divide the steps by the same
+  factor f, from TEACHER_STEPS down to STUDENT_STEPS (`progressive_rounds`: the paper's
+  f = 2, or by default the fewest rounds with f <= 4); round k of R gets k / (1 + ... + R)
+  of the budget (`round_starts`: the last rounds, whose student steps span the most of
+  the ODE, are the hardest and train longest). Each round's student is kept beside the
+  run's checkpoints (student_16steps.pt, ...). In a round of S student steps on the
+  trailing grid t_k = T(1 - k/(fS)) - 1, one deterministic DDIM step of the student from
+  t_fi to t_f(i+1) is trained to land where the teacher's f steps land (DDIM, or in the
+  first round DPM-Solver++(2M) with TEACHER_SOLVER dpm-solver): the target x0 is the one
+  that DDIM maps z_t onto the teacher's end point (the paper's x-space target x~), and
+  the loss is its squared error weighted by max(SNR, 1) ("truncated SNR"), on the
+  student's own parameterisation (v). At the end of a round the student becomes the
+  teacher. The student samples with DDIM (eta 0, trailing).
 - consistency (Song et al. 2023, consistency distillation): for adjacent points t > t' of
   the teacher's TEACHER_STEPS-point trailing grid (the last one: the clean data), the
   student's x0 prediction at x_t is trained to equal the target network's at x_t', the
@@ -99,13 +101,16 @@ def round_starts(rounds: int) -> list[float]:
 
 def progressive_rounds(config: Config) -> tuple[int, int]:
     """(rounds, factor): progressive distillation's rounds, each dividing the steps by
-    `factor`, from TEACHER_STEPS to STUDENT_STEPS; DISTILL_ROUNDS 0 is one round per
-    halving (Salimans & Ho), 1 a single round whose student step copies all the teacher's
-    steps it spans. Other methods: one round, factor 1."""
+    `factor`, from TEACHER_STEPS to STUDENT_STEPS. DISTILL_ROUNDS 0 is the fewest rounds in
+    which a student step spans at most 4 teacher steps (16 -> 4: one; 16 -> 2: three, 16 ->
+    8 -> 4 -> 2; 16 -> 1: two, 16 -> 4 -> 1), what measured best or tied at each count
+    (docs/distillation.md#one-round-and-the-teachers-dpm-solver-path); Salimans & Ho halve
+    in each round. Other methods: one round, factor 1."""
     if config.DISTILL_METHOD != "progressive":
         return 1, 1
     halvings = (config.TEACHER_STEPS // config.STUDENT_STEPS).bit_length() - 1
-    rounds = config.DISTILL_ROUNDS or halvings
+    rounds = config.DISTILL_ROUNDS or min(r for r in range(1, halvings + 1)
+                                          if halvings % r == 0 and halvings // r <= 2)
     return rounds, 2 ** (halvings // rounds)
 
 
@@ -257,9 +262,11 @@ class Distiller(Trainer):
             starts = round_starts(self.rounds) + [1.0]
             shares = ", ".join(f"{b - a:.0%}" for a, b in zip(starts, starts[1:]))
             solver = ("DPM-Solver++(2M)" if cfg.TEACHER_SOLVER == "dpm-solver" else "DDIM")
+            rounds = ("one round" if self.rounds == 1 else
+                      f"{self.rounds} rounds of {shares} of the budget (the later, harder "
+                      f"rounds longer)")
             text = (f"distillation: progressive (Salimans & Ho 2022), {chain} steps in "
-                    f"{self.rounds} round(s) of {shares} of the budget (the later, harder "
-                    f"rounds longer), a student step copying {self.factor} of its teacher's "
+                    f"{rounds}, a student step copying {self.factor} of its teacher's "
                     f"(the first round's by {solver}); the student samples with DDIM on the "
                     f"trailing grid")
             if cfg.LR_SCHEDULE != "constant":
