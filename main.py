@@ -82,8 +82,9 @@ def build_config(args) -> tuple[Config, dict | None]:
             return config, state
     if requested.get("DISTILL"):
         config = distillation_config(requested["DISTILL"], requested)
+        steps = config.STUDENT_STEPS
         print(f"distilling {config.DISTILL} ({config.DISTILL_METHOD}) into a student of "
-              f"{config.STUDENT_STEPS} steps")
+              f"{steps} step{'s' if steps != 1 else ''}")
         return config, None
     config = Config.from_preset(args.preset, **requested).validate()
     if args.preset == "auto" and config.PRESET == "cpu":
