@@ -319,7 +319,7 @@ class Distiller(Trainer):
         return per_image, t
 
     def _teacher_ddim(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
-                      labels) -> torch.Tensor:
+                      labels) -> tuple[torch.Tensor, torch.Tensor]:
         """One deterministic DDIM step of the teacher, per-image timesteps; t_next = -1 is
         the clean data (the teacher's x0). -> (x at t_next, the teacher's x0 at t)."""
         teacher = self.teacher
