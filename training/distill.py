@@ -442,10 +442,9 @@ class Distiller(Trainer):
 
     def estimate_step_seconds(self, repeats: int = 2) -> float:
         """A training step, plus the forward passes without gradients, each about a third
-        of a step: the teacher's two (consistency: the teacher's and the student's own),
-        ect's one (the target)."""
-        method = self.config.DISTILL_METHOD
-        extra = {"ect": 1, "consistency": 2}.get(method) or progressive_rounds(self.config)[1]
+        of a step: progressive, the teacher's `factor` (one per teacher step a student step
+        copies); consistency, the teacher's and the student's own; ect, one (the target)."""
+        extra = {"ect": 1, "consistency": 2}.get(self.config.DISTILL_METHOD, self.factor)
         return super().estimate_step_seconds(repeats) * (1 + extra / 3)
 
 
