@@ -101,7 +101,7 @@ class Config:
     MAX_MINUTES: float = 0.0  # stop after this many minutes of training in total (0 = no limit)
     SEED: int = 0  # seeds weights, data order, noise and samples
     DEVICE: str = field(default_factory=default_device)  # cuda if available, else cpu
-    PRECISION: Precision = "auto"  # training autocast dtype: auto = bf16 on cuda, fp32 on cpu
+    PRECISION: Precision = "auto"  # training autocast dtype: auto = bf16 on cuda and on CPUs with AVX-512 BF16 or AMX, else fp32
     CHANNELS_LAST: bool = False  # channels_last memory format for the UNet (GPU)
     COMPILE: bool = False  # torch.compile the UNet for training
     THREADS: int = 0  # CPU threads for torch (0 = the cores no other program keeps busy: all on an idle machine)

@@ -115,12 +115,14 @@ def _how_to_sample(g) -> None:
                                    "DOWNLOAD", "OUTPUT_DIR", "THREADS"},
                          default_note={**{name: "the checkpoint's setting"
                                           for name in ("SAMPLER", "ETA", "SPACING")},
-                                       "PRECISION": "fp32; bf16 autocast is faster on GPUs",
+                                       "PRECISION": "fp32; bf16 autocast is faster on GPUs and on CPUs "
+                                                     "with AVX-512 BF16 or AMX",
                                        "OUTPUT_DIR": "outputs", "DATA_DIR": "the checkpoint's"},
                          help_text={
                              "SAMPLER": "sampler for grids, --evaluate and --chain "
                                         "(interpolations decode deterministically: eta 0)",
-                             "PRECISION": "sampling precision (auto = bf16 on CUDA)",
+                             "PRECISION": "sampling precision (auto = bf16 on CUDA and on CPUs "
+                                          "that compute it natively)",
                              "OUTPUT_DIR": "where pictures without --output and --evaluate's "
                                            "JSON go",
                              "DATA_DIR": "where the checkpoint's dataset is (test images, "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from config import Config, ConfigError
+from utils import machine
 
 PER_CLASS = 10  # images per class in a default picture
 UNCONDITIONAL_COUNT = 100  # images in a default picture without classes
@@ -77,9 +78,12 @@ class SamplingSettings:
 
 
 def resolve_precision(precision: str, device) -> str:
-    """'auto' -> bf16 on CUDA, fp32 elsewhere; other values as they are."""
+    """'auto' -> bf16 where the hardware computes it (CUDA; a CPU with AVX-512 BF16 or AMX),
+    fp32 elsewhere; other values as they are."""
     if precision == "auto":
-        return "bf16" if str(device).startswith("cuda") else "fp32"
+        kind = torch.device(device).type
+        native = kind == "cuda" or (kind == "cpu" and machine.native_bf16())
+        return "bf16" if native else "fp32"
     return precision
 
 

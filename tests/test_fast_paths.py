@@ -1,4 +1,5 @@
-"""The fast training paths give the plain path's loss; the benchmark writes valid JSON.
+"""The fast training paths give the plain path's loss; 'auto' precision is bf16 where the
+hardware computes it; the benchmark writes valid JSON.
 
 bf16 autocast and channels_last run on the CPU too; torch.compile takes minutes to
 compile on a 2-core CPU, so its test runs on CUDA or when MNIST_DIFFUSION_SLOW_TESTS=1.
@@ -69,12 +70,42 @@ def test_compiled_loss_and_gradients_match(device):
 
 @pytest.mark.parametrize("changes", [dict(PRECISION="bf16"), dict(CHANNELS_LAST=True)])
 def test_fast_training_steps_track_the_plain_ones(tiny, changes):
-    plain = Trainer(tiny(MAX_STEPS=4, DROPOUT=0.0), progress=False, log=lambda *a: None)
+    plain = Trainer(tiny(MAX_STEPS=4, DROPOUT=0.0, PRECISION="fp32"), progress=False,
+                    log=lambda *a: None)
     plain.fit()
     fast = Trainer(tiny(MAX_STEPS=4, DROPOUT=0.0, **changes), progress=False, log=lambda *a: None)
     fast.fit()
     tolerance = 0.03 if changes.get("PRECISION") == "bf16" else 1e-4
     assert fast.losses == pytest.approx(plain.losses, rel=tolerance)
+
+
+@pytest.mark.parametrize("capabilities, native", [
+    ({"avx512_bf16": True, "amx_bf16": False}, True), ({"avx512_bf16": False, "amx_bf16": True}, True),
+    ({"avx2": True, "avx512_f": True}, False), (AttributeError, False)])
+def test_native_bf16_reads_the_cpus_capabilities(monkeypatch, capabilities, native):
+    from utils import machine
+
+    def report():
+        if capabilities is AttributeError:  # a torch without torch.cpu.get_capabilities
+            raise AttributeError("get_capabilities")
+        return capabilities
+    monkeypatch.setattr(torch.cpu, "get_capabilities", report)
+    assert machine.native_bf16() is native
+
+
+def test_auto_precision_is_bf16_where_the_hardware_computes_it(monkeypatch, tiny):
+    from sampling.settings import resolve_precision
+    from utils import machine
+
+    monkeypatch.setattr(machine, "native_bf16", lambda: True)
+    assert [resolve_precision("auto", d) for d in ("cpu", "cuda", "cuda:1", "meta")] == \
+        ["bf16", "bf16", "bf16", "fp32"]
+    assert Trainer(tiny(), progress=False, log=lambda *a: None).precision == "bf16"
+    assert Trainer(tiny(PRECISION="fp32"), progress=False, log=lambda *a: None).precision == "fp32"
+    monkeypatch.setattr(machine, "native_bf16", lambda: False)
+    assert [resolve_precision("auto", d) for d in ("cpu", "cuda")] == ["fp32", "bf16"]
+    assert Trainer(tiny(), progress=False, log=lambda *a: None).precision == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cuda") == "fp32"
 
 
 def test_benchmark_runs_on_cpu_and_writes_json(tiny):
