@@ -96,20 +96,22 @@ def test_the_card_says_what_the_checkpoint_records(tiny, tmp_path, shared_evalua
     assert f"{result['fid']:.2f} ({result['floor']['fid']:.2f})" in text
     assert "--num-samples 20" in text and "mnist_classifier.pt" in text
     assert "3 steps of batch 16 (0.8 epochs)" in text and "the first 64 training images" in text
-    assert machine.describe(machine.record("cpu")) in text
+    assert machine.describe({**machine.record("cpu"), "precision": trainer.precision}) in text
+    assert f", {trainer.precision}, PyTorch" in text  # what it trained in
     assert f"`{training_command(trainer.config)}`" in text
     assert "weights: trained on MNIST (CC BY-SA 3.0)" in text
 
 
 def test_the_machine_is_recorded_where_training_ran(tiny, monkeypatch):
     trainer = train(tiny(MAX_STEPS=2))
-    assert trainer.state_dict()["machines"] == [{"step": 0, **machine.record("cpu")}]
+    here = {**machine.record("cpu"), "precision": trainer.precision}  # what it trained in
+    assert trainer.state_dict()["machines"] == [{"step": 0, **here}]
     again = train(trainer.config.replace(MAX_STEPS=3), resume=trainer.state_dict())
     assert again.state_dict()["machines"] == trainer.state_dict()["machines"]  # the same one
     elsewhere = {**machine.record("cpu"), "cpu": "Another CPU", "cores": 64}
     monkeypatch.setattr(machine, "record", lambda device: elsewhere)
     moved = train(trainer.config.replace(MAX_STEPS=4), resume=again.state_dict())
-    assert moved.state_dict()["machines"][1:] == [{"step": 3, **elsewhere}]
+    assert moved.state_dict()["machines"][1:] == [{"step": 3, **elsewhere, "precision": trainer.precision}]
 
 
 @pytest.mark.parametrize("preset, changes", [

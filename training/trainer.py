@@ -129,7 +129,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.elapsed = 0.0  # seconds spent in training steps, summed over resumes
         self.stretches: list[dict] = []  # {"step", "world_size"} where each stretch of training began
-        self.machines: list[dict] = []  # {"step", **utils.machine.record} where training moved to a machine
+        self.machines: list[dict] = []  # {"step", **utils.machine.record, "precision"} where training moved to a machine
         self.guide_step: int | None = None  # the step of the EMA snapshot kept as autoguidance's guide
         if resume is not None:
             self.load_state(resume)
@@ -442,7 +442,7 @@ class Trainer:
         out_dir = Path(cfg.OUTPUT_DIR)
         if not self.stretches or self.stretches[-1]["world_size"] != dist.world_size():
             self.stretches.append({"step": self.step, "world_size": dist.world_size()})
-        here = machine.record(self.device)
+        here = {**machine.record(self.device), "precision": self.precision}
         if not self.machines or {**self.machines[-1], "step": self.step} != {"step": self.step, **here}:
             self.machines.append({"step": self.step, **here})
 
