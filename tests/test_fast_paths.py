@@ -128,6 +128,8 @@ def test_benchmark_runs_on_cpu_and_writes_json(tiny):
     forward = counter.get_total_flops() / 2
     assert 2.5 * forward < data["train_flops_per_image"] < 3.5 * forward
     assert data["fraction_of_bf16_peak"] is None  # unknown for a CPU
+    from sampling.settings import resolve_precision  # bf16 sampling too where the CPU computes it
+    assert (data["sample_images_per_s_bf16"] is not None) == (resolve_precision("auto", "cpu") == "bf16")
 
 
 def test_sampling_benchmark_warms_up_at_the_timed_batch_size():

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from config import Config
-from sampling.settings import labels_for, resolve
+from sampling.settings import labels_for, resolve, resolve_precision
 from training.trainer import Trainer
 from utils import distributed as dist
 from utils.files import save_json
@@ -180,7 +180,8 @@ def benchmark_sampling(model, count: int, batch: int, precision: str = "fp32",
 def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | None = None,
                   timed_steps: int | None = None, sample_count: int | None = None,
                   log=print) -> dict:
-    """Training, then sampling (fp32, and bf16 on CUDA), of the model `config` describes;
+    """Training, then sampling (fp32, and bf16 where the hardware computes it: CUDA, a CPU
+    with AVX-512 BF16 or AMX), of the model `config` describes;
     writes OUTPUT_DIR/benchmark.json and returns the same dict."""
     device = torch.device(config.DEVICE)
     on_gpu = device.type == "cuda"
@@ -213,7 +214,8 @@ def run_benchmark(config: Config, progress: bool = True, warmup_steps: int | Non
             return result
     steps = resolve(config).steps
     batch = min(sample_count, 10_000 if on_gpu else 500)
-    for precision in (["fp32", "bf16"] if on_gpu else ["fp32"]):
+    native_bf16 = resolve_precision("auto", device) == "bf16"
+    for precision in ["fp32"] + (["bf16"] if native_bf16 else []):
         sampled = benchmark_sampling(trainer.ema, sample_count, batch, precision, config.SAMPLER,
                                      steps, config.ETA, config.SPACING, progress, log,
                                      guidance=config.GUIDANCE)
