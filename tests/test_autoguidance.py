@@ -111,6 +111,43 @@ def test_a_run_keeps_its_guide_at_the_fraction_asked(tiny, monkeypatch):
                                                  trainer.model.state_dict().values()))
 
 
+def test_a_guide_with_its_own_ema_width(tiny, monkeypatch):
+    """GUIDE_EMA_STD: the guide is a second power EMA of that width (EDM2's rule, recomputed
+    here from the weights after each step), kept at GUIDE_AT, and it changes nothing else."""
+    from config import ConfigError
+    from training.schedules import power_ema_gamma
+    from training.trainer import Trainer
+
+    weights, original = [], Trainer.train_step
+
+    def spy(self, *args):
+        out = original(self, *args)
+        weights.append([p.detach().clone() for p in self.params])
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    own = train(tiny(MAX_STEPS=8, GUIDE_AT=0.5, GUIDE_EMA_STD=0.2, EMA_STD=0.05, EMA_RULE="power"))
+    assert own.guide_step == 4 and own.guide_ema is None  # the second EMA ends at the snapshot
+    gamma = power_ema_gamma(0.2)
+    expected = [p.clone() for p in own.ema_params]  # any start: the first update replaces it
+    for step, after in enumerate(weights[:own.guide_step]):
+        keep = (1.0 - 1.0 / (step + 1)) ** (gamma + 1.0)
+        expected = [keep * e + (1 - keep) * w for e, w in zip(expected, after)]
+    for value, guide in zip(expected, own.ema.guide.parameters()):
+        torch.testing.assert_close(guide, value, rtol=1e-5, atol=1e-6)
+    weights.clear()
+    plain = train(tiny(MAX_STEPS=8, GUIDE_AT=0.5, EMA_STD=0.05, EMA_RULE="power",
+                       CHECKPOINT_DIR=str(own.checkpoint_dir.parent / "plain")))
+    assert not all(torch.equal(a, b) for a, b in zip(plain.ema.guide.parameters(),
+                                                      own.ema.guide.parameters()))
+    for a, b in ((plain.model, own.model), (plain.ema, own.ema)):  # the same training and EMA
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                     b.state_dict().values()))
+    assert "guide_ema" not in ckpt.load_checkpoint(own.checkpoint_dir / ckpt.LATEST)
+    with pytest.raises(ConfigError, match="--guide-ema-std"):
+        tiny(GUIDE_EMA_STD=0.3)
+
+
 def test_the_command_line(tiny, tmp_path, capsys):
     run = train(tiny(MAX_STEPS=4, GUIDE_AT=0.25))
     other = train(tiny(MAX_STEPS=2, CHECKPOINT_DIR=str(tmp_path / "other"), GUIDE_AT=0.0))
@@ -151,6 +188,10 @@ def test_every_run_keeps_a_guide_and_models_without_classes_use_it():
     from config import Config
 
     assert Config().GUIDE_AT == Config.from_preset("cpu").GUIDE_AT == 0.125
+    assert (Config().GUIDE_EMA_STD, Config.from_preset("cpu").GUIDE_EMA_STD) == (0.0, 0.18)
+    assert Config.from_preset("cpu", DATASET="fashion-mnist").GUIDE_EMA_STD == 0.18
+    assert Config.from_preset("cpu", CONDITIONAL=False).GUIDE_EMA_STD == 0.0  # measured: no gain
+    assert Config.from_preset("cpu", CONDITIONAL=False, CLUSTERS=0).GUIDE_EMA_STD == 0.0
     assert Config.from_preset("cpu").AUTOGUIDANCE == 1.25
     assert Config.from_preset("cpu", AUTOGUIDANCE=1.0).AUTOGUIDANCE == 1.0
     clusters = Config.from_preset("cpu", CONDITIONAL=False)

@@ -123,6 +123,8 @@ RESUME_CASES = {  # settings, total steps, where the first run stops (4 steps pe
     "guide-kept-before-the-stop": (dict(GUIDE_AT=0.3, LR_SCHEDULE="linear", SAVE_EVERY=100), 9, -5),
     "guide-kept-after-the-resume": (dict(GUIDE_AT=0.3, PREDICTION="edm",
                                          TIMESTEP_SAMPLING="lognormal", SAVE_EVERY=100), 9, -2),
+    # the guide's own EMA (GUIDE_EMA_STD) is saved until the snapshot and goes on after it
+    "guide-ema-kept-after-the-resume": (dict(GUIDE_AT=0.3, GUIDE_EMA_STD=0.2, SAVE_EVERY=100), 9, -2),
 }
 
 

@@ -66,7 +66,7 @@ DISTILL_DEFAULTS = dict(MAX_MINUTES=15.0, LEARNING_RATE=1e-3, LR_WARMUP_STEPS=0,
                         LR_SCHEDULE="constant", EMA_RULE="constant", EMA_DECAY=0.999,
                         EMA_WARMUP=True, CLASS_DROPOUT=0.0, EVAL_EVERY=0, EPOCHS=1000,
                         MAX_STEPS=0, CHECKPOINT_DIR="", OUTPUT_DIR="", TIMESTEP_SAMPLING="uniform",
-                        GUIDE_AT=0.0, AUTOGUIDANCE=1.0)
+                        GUIDE_AT=0.0, GUIDE_EMA_STD=0.0, AUTOGUIDANCE=1.0)
 # Settings of the distillation itself (beside run control) that the flags may set.
 DISTILL_FIELDS = {"DISTILL", "DISTILL_METHOD", "STUDENT_STEPS", "TEACHER_STEPS", "DISTILL_ROUNDS",
                   "TEACHER_SOLVER", "LEARNING_RATE",

@@ -105,6 +105,9 @@ class Trainer:
                 log(note + "; training goes on with it")
         self._config = config
         self._ema_decay = EmaSchedule(config)
+        self._guide_ema_decay = (EmaSchedule(config.replace(EMA_RULE="power",
+                                                            EMA_STD=config.GUIDE_EMA_STD))
+                                 if config.GUIDE_EMA_STD else None)
 
         allocator.tune()  # big temporaries at every step: keep them off mmap (utils/allocator.py)
         self.device = torch.device(dist.local_device(config.DEVICE))
@@ -192,6 +195,9 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_params = list(self.ema.parameters())
+        # the guide's own power EMA (GUIDE_EMA_STD) until keep_guide takes it; None: the EMA's
+        self.guide_ema = (copy.deepcopy(self.ema) if config.GUIDE_AT and config.GUIDE_EMA_STD
+                          else None)
         self.optimizer = torch.optim.AdamW(self.params, lr=base_lr(config),
                                            weight_decay=config.WEIGHT_DECAY, fused=True)
 
@@ -364,6 +370,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_decay_at(self.step))
+            if self.guide_ema is not None:
+                torch._foreach_lerp_(list(self.guide_ema.parameters()), self.params,
+                                     1.0 - self._guide_ema_decay(self.step))
             quartile = (t * QUARTILES) // self.model.timesteps
             self._bins[0].index_add_(0, quartile, per_image.detach().double())
             self._bins[1].index_add_(0, quartile, torch.ones_like(quartile, dtype=torch.float64))
@@ -533,8 +542,10 @@ class Trainer:
     def keep_guide(self) -> None:
         """Keep the EMA weights as they are now as autoguidance's guide (Karras et al. 2024:
         a weaker version of the model, here the same one early in its training): the
-        checkpoint carries them, `load_model` gives them as `model.guide`."""
-        guide = copy.deepcopy(self.ema)
+        checkpoint carries them, `load_model` gives them as `model.guide`. With
+        GUIDE_EMA_STD the guide is the run's second EMA, of that width, which then stops."""
+        guide = copy.deepcopy(self.guide_ema if self.guide_ema is not None else self.ema)
+        self.guide_ema = None
         self.ema.set_guide(guide)
         self.guide_step = self.step
 
@@ -802,6 +813,7 @@ class Trainer:
             "rng": capture_rng_state(),
             **({"guide": self.ema.guide.state_dict(), "guide_step": self.guide_step}
                if self.ema.guide is not None else {}),
+            **({"guide_ema": self.guide_ema.state_dict()} if self.guide_ema is not None else {}),
             **({"clusters": self.cluster_ids.to(torch.int32)}
                if self.cluster_ids is not None else {}),
         }
@@ -844,6 +856,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.guide_ema is not None and "guide_ema" in state:
+                self.guide_ema.load_state_dict(state["guide_ema"])
         except (RuntimeError, KeyError, ValueError) as error:
             raise ckpt.CheckpointError(f"checkpoint does not fit this model: "
                                        f"{str(error).splitlines()[0][:200]}") from None
