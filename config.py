@@ -411,7 +411,7 @@ PRESETS = {
                 # the guide a longer power EMA of its own (std 0.18, the model's 0.05): FID 4.08
                 # -> 3.56 on Fashion-MNIST at 17,600 steps, MNIST with labels unchanged
                 # (6.91 -> 6.86 on 2,000 samples; docs/sampling.md#the-guides-ema); not
-                # without labels (WITHOUT_CLASSES)
+                # without labels or clusters (WITHOUT_CLUSTERS)
                 GUIDE_EMA_STD=0.18),
 }
 
@@ -419,16 +419,16 @@ PRESETS = {
 # it learns 100 k-means clusters of the images as its classes instead (Bao et al. 2022),
 # sampled with the preset's autoguidance A = 1.25: FID 5.51 against 13.91 for the design's
 # model at its best guidance (12,250 steps, 10,000 samples; docs/results.md#clusters-as-classes).
-# Its guide is the model's own EMA at GUIDE_AT (GUIDE_EMA_STD 0): the guide's own longer
-# EMA, the preset's with classes, did not help the design's model (FID 14.19 -> 14.52 on
-# 2,000 samples at 12,250 steps; docs/sampling.md#the-guides-ema); clusters: not measured.
-WITHOUT_CLASSES = {"cpu": dict(CLUSTERS=100, GUIDE_EMA_STD=0.0)}
+WITHOUT_CLASSES = {"cpu": dict(CLUSTERS=100)}
 # ... and for one without clusters either (--no-conditional --clusters 0, the design's
 # unconditional DDPM): a stronger autoguidance, A = 2, from the run's own snapshot at
 # GUIDE_AT (1/8 of the budget): FID 37.3 -> 14.7 on unconditional MNIST at 12,250 steps,
 # the best of the guides and scales measured; guided only at 0.28 < sigma <= 5.42 (EDM2's
 # interval): 13.9, and a third faster to sample (docs/sampling.md#autoguidance).
-WITHOUT_CLUSTERS = {"cpu": dict(AUTOGUIDANCE=2.0, GUIDANCE_INTERVAL=(0.28, 5.42))}
+# Its guide is the model's own EMA at GUIDE_AT (GUIDE_EMA_STD 0): the guide's own longer
+# EMA, the preset's with classes or clusters, did not help it (FID 14.19 -> 14.52 on 2,000
+# samples at 12,250 steps, where clusters gained 7.67 -> 7.08; docs/sampling.md#the-guides-ema).
+WITHOUT_CLUSTERS = {"cpu": dict(AUTOGUIDANCE=2.0, GUIDANCE_INTERVAL=(0.28, 5.42), GUIDE_EMA_STD=0.0)}
 # ... and for a dataset whose labels it learns, where that dataset's best differs from
 # MNIST's: Fashion-MNIST samples with A = 1.5 inside 0.28 < sigma <= 5.42, better than
 # A = 1.25 everywhere on both runs measured (10,000 samples: 5.40 -> 4.60 at 12,250 steps,
