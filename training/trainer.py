@@ -198,6 +198,7 @@ class Trainer:
         # the guide's own power EMA (GUIDE_EMA_STD) until keep_guide takes it; None: the EMA's
         self.guide_ema = (copy.deepcopy(self.ema) if config.GUIDE_AT and config.GUIDE_EMA_STD
                           else None)
+        self._guide_ema_params = list(self.guide_ema.parameters()) if self.guide_ema is not None else []
         self.optimizer = torch.optim.AdamW(self.params, lr=base_lr(config),
                                            weight_decay=config.WEIGHT_DECAY, fused=True)
 
@@ -371,7 +372,7 @@ class Trainer:
         with torch.no_grad():
             torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.ema_decay_at(self.step))
             if self.guide_ema is not None:
-                torch._foreach_lerp_(list(self.guide_ema.parameters()), self.params,
+                torch._foreach_lerp_(self._guide_ema_params, self.params,
                                      1.0 - self._guide_ema_decay(self.step))
             quartile = (t * QUARTILES) // self.model.timesteps
             self._bins[0].index_add_(0, quartile, per_image.detach().double())
@@ -544,8 +545,8 @@ class Trainer:
         a weaker version of the model, here the same one early in its training): the
         checkpoint carries them, `load_model` gives them as `model.guide`. With
         GUIDE_EMA_STD the guide is the run's second EMA, of that width, which then stops."""
-        guide = copy.deepcopy(self.guide_ema if self.guide_ema is not None else self.ema)
-        self.guide_ema = None
+        guide = self.guide_ema if self.guide_ema is not None else copy.deepcopy(self.ema)
+        self.guide_ema, self._guide_ema_params = None, []
         self.ema.set_guide(guide)
         self.guide_step = self.step
 
