@@ -137,6 +137,7 @@ class Config:
     TEACHER_STEPS: int = 16  # the teacher's deterministic steps (on the trailing grid, by --teacher-solver) the distillation starts from (not used by ect)
     DISTILL_ROUNDS: int = 0  # rounds of progressive distillation, each dividing the steps by the same power of 2 (0 = the fewest in which a student step spans at most 4 teacher steps: 16 -> 4 in one, 16 -> 4 -> 1 in two; Salimans & Ho halve in each)
     TEACHER_SOLVER: TeacherSolver = "dpm-solver"  # the first round's teacher path: dpm-solver (DPM-Solver++(2M) within each student step, the more accurate) or ddim (Salimans & Ho's)
+    DISTRIBUTION_MATCHING: float = 0.0  # weight of the distribution-matching loss (Yin et al. 2024, DMD) on the last step of progressive distillation's last round, beside its regression (0 = off)
     TEACHER_GUIDANCE: float = 1.0  # the guidance W of the teacher's outputs a student learned (baked in: it samples at --guidance 1)
 
     # --- provenance ---
@@ -324,10 +325,14 @@ class Config:
             raise ConfigError(f"--student-steps ({self.STUDENT_STEPS}) and --teacher-steps "
                               f"({self.TEACHER_STEPS}) need 1 <= student <= teacher <= "
                               f"--timesteps ({self.TIMESTEPS})")
+        if not (math.isfinite(self.DISTRIBUTION_MATCHING) and self.DISTRIBUTION_MATCHING >= 0):
+            raise ConfigError(f"--distribution-matching {self.DISTRIBUTION_MATCHING} must be a "
+                              f"weight >= 0 (0 = off)")
         ratio = self.TEACHER_STEPS // self.STUDENT_STEPS
         if self.DISTILL_METHOD != "progressive":
             for name, value, default in (("DISTILL_ROUNDS", self.DISTILL_ROUNDS, 0),
-                                         ("TEACHER_SOLVER", self.TEACHER_SOLVER, "dpm-solver")):
+                                         ("TEACHER_SOLVER", self.TEACHER_SOLVER, "dpm-solver"),
+                                         ("DISTRIBUTION_MATCHING", self.DISTRIBUTION_MATCHING, 0)):
                 if value != default:
                     raise ConfigError(f"{flag_for(name)} {value} is a setting of progressive "
                                       f"distillation, not of --distill-method "

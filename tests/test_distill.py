@@ -108,13 +108,18 @@ def _teacher_step(model, x, t: int, t_next: int, labels) -> torch.Tensor:
     return samplers.ddim_step(model.scheduler, x, t, t_next, x0, eps, 0.0, None)
 
 
-@pytest.mark.parametrize("method", ["progressive", "consistency",
+@pytest.mark.parametrize("method", ["progressive", "consistency", "matching",
                                     pytest.param("ect", marks=pytest.mark.slow)])
 def test_distillation_resumes_exactly(teacher, tmp_path, method):
     """Across a round's end too (progressive 8 -> 2: two rounds, the second from step 4,
-    a third of the budget in), and across ect's stages (a function of the budget used)."""
+    a third of the budget in), and across ect's stages (a function of the budget used).
+    With distribution matching (in the second round) the fake score and its optimizer
+    resume too, and the teacher's score stays the original teacher's."""
+    matching = method == "matching"
+    method = "progressive" if matching else method
     settings = dict(DISTILL_METHOD=method, TEACHER_STEPS=8, STUDENT_STEPS=2, PRINT_EVERY=1,
-                    SAVE_EVERY=1000, DISTILL_ROUNDS=2 if method == "progressive" else 0)
+                    SAVE_EVERY=1000, DISTILL_ROUNDS=2 if method == "progressive" else 0,
+                    DISTRIBUTION_MATCHING=1.0 if matching else 0.0)
     straight = _distil(teacher, tmp_path / "a", MAX_STEPS=12, **settings)
     with pytest.raises(TrainingInterrupted):  # Ctrl-C during step 5
         _distil(teacher, tmp_path / "b", MAX_STEPS=12, stop_after=5, **settings)
@@ -125,9 +130,65 @@ def test_distillation_resumes_exactly(teacher, tmp_path, method):
     resumed.fit()
     assert resumed.losses == straight.losses
     assert_same_weights(straight, resumed)
+    if matching:
+        original = ckpt.load_checkpoint(teacher)["ema"]
+        for name, value in original.items():
+            assert torch.equal(resumed.score.state_dict()[name], value), name
+        assert_same_weights({"model": straight.fake.state_dict(), "ema": {}},
+                            {"model": resumed.fake.state_dict(), "ema": {}})
+        assert any(not torch.equal(resumed.fake.state_dict()[name], value)
+                   for name, value in original.items())  # the fake score learned
     assert resumed.round == straight.round == (1 if method == "progressive" else 0)
     # the round ended where a third of the budget was used: fraction 4/11 after 4 steps
     assert straight.round_start == (4 if method == "progressive" else 0)
+
+
+def test_distribution_matching_steps_towards_the_teacher_away_from_the_fake(teacher, tmp_path,
+                                                                              monkeypatch):
+    """DMD's step on the student's images x: noised to tau, the teacher's x0 ("real") and
+    the fake score's ("fake") set the direction fake - real, scaled by mean|x - real|; a
+    descent step on the loss moves x towards real and away from fake, by that gradient."""
+    config = distillation_config(teacher, dict(
+        DISTRIBUTION_MATCHING=1.0, MAX_STEPS=1, PRECISION="fp32",
+        CHECKPOINT_DIR=str(tmp_path / "s"), OUTPUT_DIR=str(tmp_path / "s")))
+    distiller = Distiller(config, progress=False, log=quiet)
+    assert distiller.matching()  # one round: the last
+    shape = (3, *distiller.model.image_shape)
+    real, fake = torch.full(shape, 0.5), torch.full(shape, -0.25)
+    monkeypatch.setattr(distiller, "_ddim", lambda model, *args: (
+        None, real if model is distiller.score else fake))
+    monkeypatch.setattr(distiller, "_train_fake", lambda *args: None)
+    draws = distiller._matching_draws(shape, slice(0, 3))
+    x = torch.zeros(shape, requires_grad=True)
+    loss = distiller._matching_loss(x, torch.arange(3), draws)
+    loss.sum().backward()
+    pixels = x[0].numel()
+    # grad = (fake - real) / mean|x - real| = -0.75 / 0.5 = -1.5 per pixel: x - grad = 1.5
+    assert torch.allclose(x.grad, torch.full(shape, -1.5 / pixels))
+    assert torch.allclose(loss, torch.full((3,), 0.5 * 1.5 ** 2))
+    # the same images where the fake score agrees with the teacher: nothing to move
+    monkeypatch.setattr(distiller, "_ddim", lambda model, *args: (None, real))
+    x.grad = None
+    distiller._matching_loss(x, torch.arange(3), draws).sum().backward()
+    assert torch.equal(x.grad, torch.zeros(shape))
+
+
+def test_distribution_matching_starts_from_the_students_own_chain(teacher, tmp_path):
+    """DMD2's backward simulation: the images matched are the student's own last step,
+    from x at its last timestep reached by its EMA's DDIM steps from pure noise, as it
+    samples (4 steps: 999, 749, 499, then 249 is the last)."""
+    config = distillation_config(teacher, dict(
+        DISTRIBUTION_MATCHING=1.0, MAX_STEPS=1, PRECISION="fp32", STUDENT_STEPS=4,
+        CHECKPOINT_DIR=str(tmp_path / "s"), OUTPUT_DIR=str(tmp_path / "s")))
+    distiller = Distiller(config, progress=False, log=quiet)
+    model, labels = distiller.ema, torch.arange(5)
+    x = PerSampleNoise(4, range(5), model.image_shape, "cpu").initial()
+    ours, t_last = distiller._own_chain(x, labels)
+    assert t_last.tolist() == [249] * 5
+    theirs = x
+    for t, t_next in ((999, 749), (749, 499), (499, 249)):
+        theirs = _teacher_step(model, theirs, t, t_next, labels)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpm-solver"])
@@ -271,6 +332,11 @@ def test_bad_distillation_requests_are_one_line(teacher, tmp_path, capsys):
          "time(s), which every round must share equally: give 1, 2, 4 (or 0"),
         (["--distill", str(teacher), "--distill-method", "ect", "--teacher-solver", "ddim"],
          "--teacher-solver ddim is a setting of progressive distillation"),
+        (["--distill", str(teacher), "--distill-method", "consistency",
+          "--distribution-matching", "1"],
+         "--distribution-matching 1.0 is a setting of progressive distillation"),
+        (["--distill", str(teacher), "--distribution-matching", "-1"],
+         "--distribution-matching -1.0 must be a weight >= 0"),
     ]
     for argv, message in cases:
         line = expect_one_line(capsys, main.main, [*argv, "--quiet", "--checkpoint-dir",

@@ -69,7 +69,7 @@ DISTILL_DEFAULTS = dict(MAX_MINUTES=15.0, LEARNING_RATE=1e-3, LR_WARMUP_STEPS=0,
                         GUIDE_AT=0.0, GUIDE_EMA_STD=0.0, AUTOGUIDANCE=1.0)
 # Settings of the distillation itself (beside run control) that the flags may set.
 DISTILL_FIELDS = {"DISTILL", "DISTILL_METHOD", "STUDENT_STEPS", "TEACHER_STEPS", "DISTILL_ROUNDS",
-                  "TEACHER_SOLVER", "LEARNING_RATE",
+                  "TEACHER_SOLVER", "DISTRIBUTION_MATCHING", "LEARNING_RATE",
                   "LR_WARMUP_STEPS", "LR_SCHEDULE", "LR_FLOOR", "EMA_RULE", "EMA_DECAY",
                   "EMA_STD", "EMA_WARMUP", "BATCH_SIZE", "GRAD_CLIP", "WEIGHT_DECAY", "SEED",
                   "TRAIN_SIZE", "PRECISION", "CHANNELS_LAST"}
@@ -83,6 +83,9 @@ ECT_Q, ECT_K, ECT_B = 2.0, 8.0, 1.0
 # this 1000-step grid at mid noise, where halving it further changes nothing.
 ECT_STAGES = 8
 HUBER_C = 0.00054  # pseudo-Huber's c per sqrt(pixels) (Song & Dhariwal 2023): 0.015 for 28x28
+# Distribution matching (Yin et al. 2024, DMD and DMD2): the noise levels tau at which the
+# teacher's and the student's own distributions are compared, as fractions of T (DMD's).
+MATCHING_TAU = (0.02, 0.98)
 
 
 def student_sampling(method: str, steps: int) -> dict:
@@ -184,12 +187,26 @@ class Distiller(Trainer):
         source = resume if resume is not None else ckpt.load_checkpoint(config.DISTILL)
         super().__init__(config, resume=resume, **kwargs)
         self.teacher = None  # ect has none
+        teacher_config = Config.from_dict(source["config"]).replace(DISTILL="")
         if config.DISTILL_METHOD != "ect":
-            teacher_config = Config.from_dict(source["config"]).replace(DISTILL="")
             self.teacher = DiffusionModel.from_config(teacher_config).to(self.device)
             self.teacher.requires_grad_(False).eval()
             self.teacher.load_state_dict(resume["teacher"] if resume is not None
                                          else source["ema"])
+        # distribution matching: the teacher's score of the data (kept apart from the teacher
+        # of later rounds, which are students) and the fake score, which learns the student's
+        self.score = self.fake = None
+        if config.DISTRIBUTION_MATCHING:
+            self.score = DiffusionModel.from_config(teacher_config).to(self.device)
+            self.score.requires_grad_(False).eval()
+            self.fake = DiffusionModel.from_config(teacher_config).to(self.device)
+            start = resume if resume is not None else {"score": source["ema"], "fake": source["ema"]}
+            self.score.load_state_dict(start["score"])
+            self.fake.load_state_dict(start["fake"])
+            self.fake_optimizer = torch.optim.AdamW(self.fake.parameters(), lr=self.base_lr,
+                                                    weight_decay=config.WEIGHT_DECAY, fused=True)
+            if resume is not None:
+                self.fake_optimizer.load_state_dict(resume["fake_optimizer"])
         if resume is None:  # the student starts as the teacher (its EMA weights)
             self.model.load_state_dict(source["ema"])
             self.ema.load_state_dict(source["ema"])
@@ -269,6 +286,11 @@ class Distiller(Trainer):
                     f"{rounds}, a student step copying {self.factor} of its teacher's "
                     f"(the first round's by {solver}); the student samples with DDIM on the "
                     f"trailing grid")
+            if cfg.DISTRIBUTION_MATCHING:
+                text += (f"; in the last round its last step also matches the data's "
+                         f"distribution (DMD, Yin et al. 2024; weight "
+                         f"{cfg.DISTRIBUTION_MATCHING:g}), against a fake score trained on "
+                         f"its own images")
             if cfg.LR_SCHEDULE != "constant":
                 text += (f"; the learning rate decays ({cfg.LR_SCHEDULE}) to {cfg.LR_FLOOR:g} "
                          f"of its peak in each round")
@@ -308,12 +330,13 @@ class Distiller(Trainer):
                                      generator=self.generator)
         noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=self.generator)
         part = dist.local_slice(size)
+        draws = self._matching_draws(x0.shape, part) if progressive and self.matching() else None
         x0, index, noise = x0[part], index[part], noise[part]
         labels = None if labels is None or not cfg.num_classes else labels[part]
         t = grid[index]
         if progressive:
             path = [grid[index + j] for j in range(jump + 1)]
-            per_image = self._progressive(x0, path, noise, labels)
+            per_image = self._progressive(x0, path, noise, labels, draws)
         else:
             per_image = self._consistency(x0, t, grid[index + 1], noise, labels)
         return per_image, t
@@ -322,11 +345,14 @@ class Distiller(Trainer):
                       labels) -> tuple[torch.Tensor, torch.Tensor]:
         """One deterministic DDIM step of the teacher, per-image timesteps; t_next = -1 is
         the clean data (the teacher's x0). -> (x at t_next, the teacher's x0 at t)."""
-        teacher = self.teacher
-        out = teacher.denoiser(self.precision, labels, self.teacher_guidance())(x, t).float()
-        x0, eps = teacher.scheduler.split_model_output(x, t, out, teacher.prediction,
-                                                       teacher.clip_x0)
-        a_next = extract(teacher.scheduler.alphas_cumprod_padded, t_next + 1, x.shape)
+        return self._ddim(self.teacher, x, t, t_next, labels, self.teacher_guidance())
+
+    def _ddim(self, model: DiffusionModel, x, t, t_next, labels, guidance: float = 1.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One deterministic DDIM step of `model` (see _teacher_ddim), without gradients."""
+        out = model.denoiser(self.precision, labels, guidance)(x, t).float()
+        x0, eps = model.scheduler.split_model_output(x, t, out, model.prediction, model.clip_x0)
+        a_next = extract(model.scheduler.alphas_cumprod_padded, t_next + 1, x.shape)
         return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps, x0
 
     def _teacher_path(self, x: torch.Tensor, path: list[torch.Tensor], labels) -> torch.Tensor:
@@ -368,7 +394,10 @@ class Distiller(Trainer):
         return scheduler.split_model_output(xt, t, output.float(), self.model.prediction,
                                             clip_x0=False)[0]
 
-    def _progressive(self, x0, path, noise, labels) -> torch.Tensor:
+    def _progressive(self, x0, path, noise, labels, draws: dict | None = None) -> torch.Tensor:
+        """The regression on the teacher's path; with `draws` (distribution matching), plus
+        DISTRIBUTION_MATCHING times `_matching_loss` of the student's last step, whose
+        network call joins the regression's (one call on both batches)."""
         scheduler = self.model.scheduler
         t, t_end = path[0], path[-1]
         z_t, _ = scheduler.add_noise(x0, t, noise)
@@ -379,8 +408,91 @@ class Distiller(Trainer):
             ratio = ((1 - a_end) / (1 - a_t)).sqrt()  # sigma_end / sigma_t
             target = (z_end - ratio * z_t) / (a_end.sqrt() - ratio * a_t.sqrt())
             weight = extract(scheduler.snr, t, x0.shape).clamp(min=1.0)[:, 0, 0, 0]
-        prediction = self._student_x0(x0, t, noise, labels)
-        return weight * (prediction - target).square().mean(dim=(1, 2, 3))
+        if draws is None:
+            prediction = self._student_x0(x0, t, noise, labels)
+            return weight * (prediction - target).square().mean(dim=(1, 2, 3))
+        x_last, t_last = self._own_chain(draws["start"], labels)
+        # x_last as "x0 / sqrt(abar) with no noise", so that the student's forward (the DDP
+        # wrapper's, for its gradient hooks) noises it to exactly x_last
+        a_last = extract(scheduler.alphas_cumprod_padded, t_last + 1, x0.shape)
+        both = self._student_x0(torch.cat([x0, x_last / a_last.sqrt()]), torch.cat([t, t_last]),
+                                torch.cat([noise, torch.zeros_like(x_last)]),
+                                None if labels is None else torch.cat([labels, labels]))
+        prediction, generated = both.split(x0.shape[0])
+        regression = weight * (prediction - target).square().mean(dim=(1, 2, 3))
+        matching = self._matching_loss(generated, labels, draws)
+        return regression + self.config.DISTRIBUTION_MATCHING * matching
+
+    # ----- distribution matching (Yin et al. 2024, DMD; DMD2's backward simulation) -----
+    def matching(self) -> bool:
+        """Whether this step adds distribution matching: in the last round only (the
+        earlier rounds' students are teachers, whose paths the next round copies)."""
+        return bool(self.config.DISTRIBUTION_MATCHING) and self.round == self.rounds - 1
+
+    def _matching_draws(self, shape, part: slice) -> dict:
+        """Its random draws for the global batch (this process keeps `part`): the chain's
+        start, the noise level tau and noise of the comparison, the fake score's training
+        timesteps and noise."""
+        size, scheduler, g = shape[0], self.model.scheduler, self.generator
+        lo, hi = (round(f * (self.model.timesteps - 1)) for f in MATCHING_TAU)
+        draws = dict(start=torch.randn(shape, device=self.device, generator=g),
+                     tau=torch.randint(lo, hi + 1, (size,), device=self.device, generator=g),
+                     eps=torch.randn(shape, device=self.device, generator=g),
+                     t_fake=scheduler.sample_timesteps(size, self.device, g),
+                     noise_fake=torch.randn(shape, device=self.device, generator=g))
+        return {name: value[part] for name, value in draws.items()}
+
+    @torch.no_grad()
+    def _own_chain(self, start: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """DMD2's backward simulation: the student (its EMA, as it samples) run from pure
+        noise through all but its last step, deterministic DDIM on its grid. -> (x at the
+        last step's timestep, that timestep per image)."""
+        grid = samplers.timestep_sequence(self.model.timesteps, self.student_steps(), self.grid)
+        full = lambda step: torch.full((start.shape[0],), step, device=self.device)
+        x = start
+        for t, t_next in zip(grid, grid[1:]):
+            x, _ = self._ddim(self.ema, x, full(t), full(t_next), labels)
+        return x, full(grid[-1])
+
+    def _matching_loss(self, generated: torch.Tensor, labels, draws: dict) -> torch.Tensor:
+        """The distribution-matching loss of the student's images `generated` (Yin et al.
+        2024, their code's form): noised to a level tau, the teacher's x0 ("real") and the
+        fake score's ("fake", a copy of the teacher trained on the student's images) differ
+        by the gradient of KL(student || data) in x0; the images step along it:
+
+            grad = (fake - real) / mean|x - real|,   loss = ||x - sg(x - grad)||^2 / 2,
+
+        (the mean per image: DMD's normalisation). The fake score then takes its own
+        optimizer step on these images (one per student step). Per-image losses."""
+        x = generated.detach()
+        with torch.no_grad():
+            x_tau, _ = self.model.scheduler.add_noise(x, draws["tau"], draws["eps"])
+            real = self._ddim(self.score, x_tau, draws["tau"], draws["tau"], labels,
+                              self.config.TEACHER_GUIDANCE)[1]
+            fake = self._ddim(self.fake, x_tau, draws["tau"], draws["tau"], labels)[1]
+            scale = (x - real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+            target = x - (fake - real) / scale
+        self._train_fake(x, labels, draws)
+        return 0.5 * (generated - target).square().mean(dim=(1, 2, 3))
+
+    def _train_fake(self, x: torch.Tensor, labels, draws: dict) -> None:
+        """One step of the fake score's denoising loss on the student's images x (its
+        gradients averaged over processes, as DDP would)."""
+        for group in self.fake_optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step, self._fraction)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            loss = self.fake.compute_loss(x, draws["t_fake"], draws["noise_fake"], labels=labels)
+        loss.backward()
+        grads = [p.grad for p in self.fake.parameters() if p.grad is not None]
+        if dist.world_size() > 1:
+            for grad in grads:
+                dist.all_reduce_sum_(grad).div_(dist.world_size())
+        clip = self.config.GRAD_CLIP if self.config.GRAD_CLIP > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(grads, clip, foreach=True)
+        self.fake_optimizer.found_inf = (~torch.isfinite(norm)).float()
+        self.fake_optimizer.step()
+        self.fake_optimizer.zero_grad(set_to_none=True)
 
     def _consistency(self, x0, t, t_next, noise, labels) -> torch.Tensor:
         scheduler = self.model.scheduler
@@ -433,7 +545,10 @@ class Distiller(Trainer):
     # ----- what a checkpoint holds beyond the Trainer's -----
     def state_dict(self) -> dict:
         return {**super().state_dict(), "round": self.round, "round_start": self.round_start,
-                **({"teacher": self.teacher.state_dict()} if self.teacher is not None else {})}
+                **({"teacher": self.teacher.state_dict()} if self.teacher is not None else {}),
+                **({"score": self.score.state_dict(), "fake": self.fake.state_dict(),
+                    "fake_optimizer": self.fake_optimizer.state_dict()}
+                   if self.fake is not None else {})}
 
     def load_state(self, state: dict):
         super().load_state(state)
@@ -443,8 +558,12 @@ class Distiller(Trainer):
     def estimate_step_seconds(self, repeats: int = 2) -> float:
         """A training step, plus the forward passes without gradients, each about a third
         of a step: progressive, the teacher's `factor` (one per teacher step a student step
-        copies); consistency, the teacher's and the student's own; ect, one (the target)."""
+        copies); consistency, the teacher's and the student's own; ect, one (the target).
+        Distribution matching adds about a step more than doubles it."""
         extra = {"ect": 1, "consistency": 2}.get(self.config.DISTILL_METHOD, self.factor)
+        if self.config.DISTRIBUTION_MATCHING:  # the student's chain, its second batch, the
+            # two scores and the fake score's training step (as if in every round)
+            extra += self.config.STUDENT_STEPS - 1 + 3 + 2 + 3
         return super().estimate_step_seconds(repeats) * (1 + extra / 3)
 
 
