@@ -25,6 +25,12 @@ its errors by sigma / alpha, about 157 at t = 999 on the linear schedule, which 
   the loss is its squared error weighted by max(SNR, 1) ("truncated SNR"), on the
   student's own parameterisation (v). At the end of a round the student becomes the
   teacher. The student samples with DDIM (eta 0, trailing).
+  In the last round, distribution matching (DISTRIBUTION_MATCHING, its weight; Yin et al.
+  2024, DMD, with DMD2's backward simulation) adds a loss on the student's last step from
+  its own chain: its images should be distributed like the data, judged by the teacher's
+  score against a fake score trained on them (`_matching_loss`). The regression alone
+  averages what the student cannot follow of the teacher's path into blur; with matching
+  the 4-step student of 3,000 steps reached FID 3.30 against its teacher's 3.63.
 - consistency (Song et al. 2023, consistency distillation): for adjacent points t > t' of
   the teacher's TEACHER_STEPS-point trailing grid (the last one: the clean data), the
   student's x0 prediction at x_t is trained to equal the target network's at x_t', the
@@ -86,6 +92,10 @@ HUBER_C = 0.00054  # pseudo-Huber's c per sqrt(pixels) (Song & Dhariwal 2023): 0
 # Distribution matching (Yin et al. 2024, DMD and DMD2): the noise levels tau at which the
 # teacher's and the student's own distributions are compared, as fractions of T (DMD's).
 MATCHING_TAU = (0.02, 0.98)
+# Its weight beside the regression, progressive distillation's default (--distribution-matching):
+# at 3,000 steps it took the 4-step student from FID 8.79 to 3.30 on 10,000 samples, the
+# 1-step from 28.8 to 10.7, the 2-step from 17.9 to 6.8 (docs/distillation.md).
+DEFAULT_MATCHING = 1.0
 
 
 def student_sampling(method: str, steps: int) -> dict:
@@ -172,7 +182,9 @@ def distillation_config(teacher_path, requested: dict) -> Config:
     # 15 minutes unless told otherwise; a step or epoch budget alone runs without a clock
     clockless = bool({"EPOCHS", "MAX_STEPS"} & set(requested)) and "MAX_MINUTES" not in requested
     settings = {**DISTILL_DEFAULTS, **({"MAX_MINUTES": 0.0} if clockless else {}),
-                **student_sampling(method, steps), **requested, "DISTILL": str(teacher_path),
+                **student_sampling(method, steps),
+                **({"DISTRIBUTION_MATCHING": DEFAULT_MATCHING} if method == "progressive" else {}),
+                **requested, "DISTILL": str(teacher_path),
                 "GUIDANCE": 1.0, "TEACHER_GUIDANCE": guidance}
     return teacher.replace(**settings).validate()
 
