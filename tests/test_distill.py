@@ -158,8 +158,8 @@ def test_distribution_matching_steps_towards_the_teacher_away_from_the_fake(teac
     assert distiller.matching()  # one round: the last
     shape = (3, *distiller.model.image_shape)
     real, fake = torch.full(shape, 0.5), torch.full(shape, -0.25)
-    monkeypatch.setattr(distiller, "_ddim", lambda model, *args: (
-        None, real if model is distiller.score else fake))
+    monkeypatch.setattr(distiller, "_predict", lambda model, *args: (
+        real if model is distiller.score else fake, None))
     monkeypatch.setattr(distiller, "_train_fake", lambda *args: None)
     draws = distiller._matching_draws(shape, slice(0, 3))
     x = torch.zeros(shape, requires_grad=True)
@@ -170,7 +170,7 @@ def test_distribution_matching_steps_towards_the_teacher_away_from_the_fake(teac
     assert torch.allclose(x.grad, torch.full(shape, -1.5 / pixels))
     assert torch.allclose(loss, torch.full((3,), 0.5 * 1.5 ** 2))
     # the same images where the fake score agrees with the teacher: nothing to move
-    monkeypatch.setattr(distiller, "_ddim", lambda model, *args: (None, real))
+    monkeypatch.setattr(distiller, "_predict", lambda model, *args: (real, None))
     x.grad = None
     distiller._matching_loss(x, torch.arange(3), draws).sum().backward()
     assert torch.equal(x.grad, torch.zeros(shape))

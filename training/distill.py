@@ -359,11 +359,16 @@ class Distiller(Trainer):
         the clean data (the teacher's x0). -> (x at t_next, the teacher's x0 at t)."""
         return self._ddim(self.teacher, x, t, t_next, labels, self.teacher_guidance())
 
+    def _predict(self, model: DiffusionModel, x, t, labels, guidance: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`model`'s (x0, eps) at (x, t), per-image t, as its sampler computes them."""
+        out = model.denoiser(self.precision, labels, guidance)(x, t).float()
+        return model.scheduler.split_model_output(x, t, out, model.prediction, model.clip_x0)
+
     def _ddim(self, model: DiffusionModel, x, t, t_next, labels, guidance: float = 1.0
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """One deterministic DDIM step of `model` (see _teacher_ddim), without gradients."""
-        out = model.denoiser(self.precision, labels, guidance)(x, t).float()
-        x0, eps = model.scheduler.split_model_output(x, t, out, model.prediction, model.clip_x0)
+        x0, eps = self._predict(model, x, t, labels, guidance)
         a_next = extract(model.scheduler.alphas_cumprod_padded, t_next + 1, x.shape)
         return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps, x0
 
@@ -479,9 +484,9 @@ class Distiller(Trainer):
         x = generated.detach()
         with torch.no_grad():
             x_tau, _ = self.model.scheduler.add_noise(x, draws["tau"], draws["eps"])
-            real = self._ddim(self.score, x_tau, draws["tau"], draws["tau"], labels,
-                              self.config.TEACHER_GUIDANCE)[1]
-            fake = self._ddim(self.fake, x_tau, draws["tau"], draws["tau"], labels)[1]
+            real = self._predict(self.score, x_tau, draws["tau"], labels,
+                                 self.config.TEACHER_GUIDANCE)[0]
+            fake = self._predict(self.fake, x_tau, draws["tau"], labels)[0]
             scale = (x - real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
             target = x - (fake - real) / scale
         self._train_fake(x, labels, draws)
