@@ -205,12 +205,10 @@ def test_every_run_keeps_a_guide_and_models_without_classes_use_it():
     fashion = Config.from_preset("cpu", DATASET="fashion-mnist")  # its own best, measured
     assert (fashion.AUTOGUIDANCE, fashion.GUIDANCE_INTERVAL) == (1.5, (0.15, 5.42))
     assert (fashion.SAMPLING_STEPS, Config.from_preset("cpu").SAMPLING_STEPS) == (40, 20)
-    assert (fashion.ETA, Config.from_preset("cpu").ETA) == (0.75, 1.0)
-    assert Config.from_preset("cpu", DATASET="fashion-mnist", ETA=1.0).ETA == 1.0
     assert Config.from_preset("cpu", DATASET="fashion-mnist", SAMPLING_STEPS=20).SAMPLING_STEPS == 20
     assert Config.from_preset("cpu", DATASET="fashion-mnist", AUTOGUIDANCE=1.0).AUTOGUIDANCE == 1.0
     fashion_clusters = Config.from_preset("cpu", DATASET="fashion-mnist", CONDITIONAL=False)
-    assert (fashion_clusters.AUTOGUIDANCE, fashion_clusters.GUIDANCE_INTERVAL, fashion_clusters.ETA) == (1.25, (), 1.0)
+    assert (fashion_clusters.AUTOGUIDANCE, fashion_clusters.GUIDANCE_INTERVAL) == (1.25, ())
 
 
 def test_a_recorded_guidance_interval_is_the_default_and_the_flag_wins():
